@@ -1,0 +1,48 @@
+"""deltaw: low-rank adapters for large language models: train, merge, switch and serve them on one frozen base."""
+
+from deltaw.adapter import AdapterFormatError, describe_adapter, load_adapter, read_adapter, save_adapter
+from deltaw.config import LoRAConfig
+from deltaw.export import export_merged, unload
+from deltaw.lora import LoRALinear
+from deltaw.manage import (
+    LoRAReport,
+    active_adapter,
+    add_lora,
+    delete_adapter,
+    disable_adapters,
+    list_adapters,
+    merge_adapter,
+    merged_adapter,
+    set_adapter,
+    unmerge_adapter,
+)
+from deltaw.models import BUNDLED_NAME, ModelLoadError, load_model
+from deltaw.targets import TargetError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BUNDLED_NAME",
+    "AdapterFormatError",
+    "LoRAConfig",
+    "LoRALinear",
+    "LoRAReport",
+    "ModelLoadError",
+    "TargetError",
+    "active_adapter",
+    "add_lora",
+    "delete_adapter",
+    "describe_adapter",
+    "disable_adapters",
+    "export_merged",
+    "list_adapters",
+    "load_adapter",
+    "load_model",
+    "merge_adapter",
+    "merged_adapter",
+    "read_adapter",
+    "save_adapter",
+    "set_adapter",
+    "unload",
+    "unmerge_adapter",
+]

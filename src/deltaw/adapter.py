@@ -1,0 +1,411 @@
+"""LoRA adapters on disk, in PEFT's layout, read and written with every check done before the model is touched.
+
+    DIR/adapter_config.json         {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": [...],
+                                     ..., "deltaw": {"fingerprint": {...}, ...}}
+    DIR/adapter_model.safetensors   base_model.model.<module path>.lora_A.weight  [r, in]
+                                    base_model.model.<module path>.lora_B.weight  [out, r]
+
+PEFT, vLLM and LoRAX read these files; deltaw reads theirs. deltaw's own facts live under the one extra
+config key "deltaw", which PEFT ignores. Pickle files (.bin, .pt) are refused: unpickling runs code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from deltaw.config import LoRAConfig
+from deltaw.fingerprint import fingerprint_mismatch, model_fingerprint
+from deltaw.lora import LoRALinear, check_adapter_name, lora_scaling
+from deltaw.manage import AdapterRecord, lora_layers, registry, require_adapter, wrap_linear
+from deltaw.targets import ALL_LINEAR, linear_modules, output_head
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
+_LORA_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight")
+_UNSUPPORTED = {  # config key -> value deltaw supports
+    "use_dora": False, "fan_in_fan_out": False, "bias": "none", "layers_to_transform": None,
+    "modules_to_save": None, "target_parameters": None,
+}
+
+
+class AdapterFormatError(ValueError):
+    """An adapter directory that cannot be loaded as it is; the message says why and what to do."""
+
+
+@dataclass
+class AdapterFile:
+    """A parsed adapter directory.
+
+    Attributes:
+        path: the directory.
+        config: adapter_config.json as a dict.
+        weights: module path -> (A [r, in], B [out, r]), as stored.
+    """
+
+    path: Path
+    config: dict
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(a.numel() + b.numel() for a, b in self.weights.values())
+
+
+# --------------------------------------------------------------------------------------------- reading
+def read_adapter(path: str | os.PathLike) -> AdapterFile:
+    """Read and check an adapter directory on its own (no model needed)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterFormatError(
+            f"{path}: not a directory; an adapter is a directory holding {CONFIG_FILE} and {WEIGHTS_FILE}"
+        )
+    config = _read_config(path / CONFIG_FILE)
+    weights_file = path / WEIGHTS_FILE
+    if not weights_file.is_file():
+        pickled = [name for name in PICKLE_FILES if (path / name).exists()]
+        if pickled:
+            raise AdapterFormatError(
+                f"{path / pickled[0]}: refusing to load a pickle file, since unpickling can run arbitrary code. "
+                f"Convert it once, in an environment you trust, to {WEIGHTS_FILE} (e.g. load it in PEFT and "
+                "call save_pretrained(..., safe_serialization=True))"
+            )
+        raise AdapterFormatError(f"{weights_file}: missing; an adapter directory needs {WEIGHTS_FILE}")
+    try:
+        tensors = load_file(str(weights_file))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterFormatError(
+            f"{weights_file}: truncated or corrupt safetensors file ({exc}); save or copy the adapter again"
+        ) from exc
+    return AdapterFile(path=path, config=config, weights=_pair_tensors(tensors, weights_file))
+
+
+def _read_config(config_file: Path) -> dict:
+    if not config_file.is_file():
+        raise AdapterFormatError(f"{config_file}: missing; an adapter directory needs {CONFIG_FILE}")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFormatError(f"{config_file}: not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{config_file}: expected a JSON object, found {type(config).__name__}")
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise AdapterFormatError(f"{config_file}: key 'peft_type': expected 'LORA', found {peft_type!r}")
+    for key, supported in _UNSUPPORTED.items():
+        value = config.get(key, supported)
+        if value != supported and value not in ([], {}):
+            raise AdapterFormatError(
+                f"{config_file}: key {key!r} = {value!r} is not supported by deltaw (expected {supported!r}); "
+                "merge that part into the base model with PEFT or retrain without it"
+            )
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise AdapterFormatError(f"{config_file}: key {key!r}: expected a positive number, found {value!r}")
+    if not isinstance(config.get("target_modules"), (str, list)):
+        raise AdapterFormatError(
+            f"{config_file}: key 'target_modules': expected a list of names or a regex string, "
+            f"found {config.get('target_modules')!r}"
+        )
+    return config
+
+
+def _pair_tensors(
+    tensors: dict[str, torch.Tensor], weights_file: Path
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Group `base_model.model.<module>.lora_{A,B}.weight` keys by module; any other key is an error."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        if not key.startswith(KEY_PREFIX):
+            raise AdapterFormatError(
+                f"{weights_file}: key {key!r} has the wrong prefix: expected keys like "
+                f"'{KEY_PREFIX}<module path>.lora_A.weight' (PEFT's layout)"
+            )
+        match = _LORA_KEY.fullmatch(key)
+        if match is None:
+            raise AdapterFormatError(
+                f"{weights_file}: unexpected key {key!r}: expected '{KEY_PREFIX}<module path>.lora_A.weight' or "
+                "'.lora_B.weight' (DoRA magnitudes, biases, embeddings and modules_to_save are not supported)"
+            )
+        parts.setdefault(match["module"], {})[match["part"]] = tensor
+    if not parts:
+        raise AdapterFormatError(f"{weights_file}: holds no LoRA tensors")
+    weights = {}
+    for module, pair in parts.items():
+        for part in "AB":
+            if part not in pair:
+                raise AdapterFormatError(f"{weights_file}: missing key '{KEY_PREFIX}{module}.lora_{part}.weight'")
+        weights[module] = (pair["A"], pair["B"])
+    return weights
+
+
+# --------------------------------------------------------------------------------------------- checking
+@dataclass
+class PlannedLayer:
+    """One layer's part of a validated adapter, ready to attach."""
+
+    module: str
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scaling: float
+
+
+def plan_load(
+    model: nn.Module, adapter: AdapterFile, ignore_fingerprint: bool = False, dtype: torch.dtype | None = None
+) -> list[PlannedLayer]:
+    """Check `adapter` against `model` and return the layers to attach; raise AdapterFormatError otherwise."""
+    where = adapter.path / WEIGHTS_FILE
+    config = adapter.config
+    linears = linear_modules(model)
+    planned = []
+    for module, (lora_a, lora_b) in adapter.weights.items():
+        key = f"{KEY_PREFIX}{module}"
+        if module not in linears:
+            raise AdapterFormatError(f"{where}: key '{key}.lora_A.weight' targets {module!r}, which is not a "
+                                     f"linear layer of this model; is this adapter for another base model?")
+        layer = linears[module]
+        rank = lora_a.shape[0] if lora_a.ndim == 2 else -1
+        expected_a, expected_b = (rank, layer.in_features), (layer.out_features, rank)
+        if lora_a.ndim != 2 or tuple(lora_a.shape) != expected_a or tuple(lora_b.shape) != expected_b:
+            raise AdapterFormatError(
+                f"{where}: shape mismatch for {module!r}: expected lora_A [r, {layer.in_features}] and lora_B "
+                f"[{layer.out_features}, r], found {list(lora_a.shape)} and {list(lora_b.shape)}"
+            )
+        config_rank = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+        if rank != config_rank:
+            raise AdapterFormatError(
+                f"{where}: key '{key}.lora_A.weight' has rank {rank} but {CONFIG_FILE} says r={config_rank}"
+            )
+        for part, tensor in (("A", lora_a), ("B", lora_b)):
+            if not torch.isfinite(tensor).all():
+                raise AdapterFormatError(f"{where}: key '{key}.lora_{part}.weight' contains NaN or Inf values")
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+        target_dtype = dtype or layer.weight.dtype
+        device = layer.weight.device
+        planned.append(PlannedLayer(
+            module, lora_a.to(device, target_dtype), lora_b.to(device, target_dtype),
+            lora_scaling(alpha, rank, bool(config.get("use_rslora", False))),
+        ))
+    _check_target_set(model, adapter, linears)
+    if not ignore_fingerprint:
+        _check_fingerprint(model, adapter)
+    return planned
+
+
+def _pattern_value(patterns: dict, module: str, default: float) -> float:
+    """PEFT's rank_pattern/alpha_pattern lookup: the first key matching the end of the module path."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def peft_target_matches(config: dict, module: str, head: str | None) -> bool:
+    """Whether PEFT would adapt `module` under this config's target_modules and exclude_modules."""
+    exclude = config.get("exclude_modules")
+    if exclude:
+        if isinstance(exclude, str) and re.fullmatch(exclude, module):
+            return False
+        if isinstance(exclude, list) and (module in exclude or any(module.endswith("." + e) for e in exclude)):
+            return False
+    targets = config["target_modules"]
+    if targets == ALL_LINEAR:
+        return module != head
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    return module in targets or any(module.endswith("." + target) for target in targets)
+
+
+def _check_target_set(model: nn.Module, adapter: AdapterFile, linears: dict[str, nn.Module]) -> None:
+    head = output_head(model)
+    expected = {name for name in linears if peft_target_matches(adapter.config, name, head)}
+    found = set(adapter.weights)
+    where = adapter.path / WEIGHTS_FILE
+    missing, extra = sorted(expected - found), sorted(found - expected)
+    if missing:
+        raise AdapterFormatError(
+            f"{where}: missing key '{KEY_PREFIX}{missing[0]}.lora_A.weight' ({len(missing)} targeted modules "
+            f"have no tensors): {CONFIG_FILE} target_modules={adapter.config['target_modules']!r} selects them"
+        )
+    if extra:
+        raise AdapterFormatError(
+            f"{where}: extra key '{KEY_PREFIX}{extra[0]}.lora_A.weight' ({len(extra)} modules): not selected by "
+            f"{CONFIG_FILE} target_modules={adapter.config['target_modules']!r}"
+        )
+
+
+def _check_fingerprint(model: nn.Module, adapter: AdapterFile) -> None:
+    expected = (adapter.config.get("deltaw") or {}).get("fingerprint")
+    if not expected:
+        return  # written by another tool: the shape checks above are all there is to go on
+    differences = fingerprint_mismatch(expected, model_fingerprint(model))
+    if differences:
+        raise AdapterFormatError(
+            f"{adapter.path / CONFIG_FILE}: the adapter was made for another base model ("
+            + "; ".join(differences)
+            + "). Load it on the model it was trained on, or pass ignore_fingerprint=True "
+            "(--ignore-fingerprint) if you know the bases are compatible"
+        )
+
+
+# --------------------------------------------------------------------------------------------- loading
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    name: str,
+    ignore_fingerprint: bool = False,
+    dtype: torch.dtype | None = None,
+) -> AdapterRecord:
+    """Load the adapter in directory `path` onto `model` as `name` (not activated: see set_adapter).
+
+    Everything is read and checked first; a rejected file leaves the model exactly as it was.
+    Tensors take each base weight's dtype unless `dtype` is given.
+    """
+    check_adapter_name(name)
+    if name in registry(model).adapters:
+        raise ValueError(f"adapter {name!r} is already loaded; delete_adapter(model, {name!r}) first or pick another name")
+    adapter = read_adapter(path)
+    planned = plan_load(model, adapter, ignore_fingerprint=ignore_fingerprint, dtype=dtype)
+    for layer in planned:
+        wrap_linear(model, layer.module).add_adapter(
+            name, layer.lora_a, layer.lora_b, layer.scaling, float(adapter.config.get("lora_dropout") or 0.0)
+        )
+    record = AdapterRecord(config=config_from_peft(adapter.config), metadata=dict(adapter.config.get("deltaw") or {}))
+    registry(model).adapters[name] = record
+    return record
+
+
+def config_from_peft(config: dict) -> LoRAConfig:
+    """The LoRAConfig that PEFT's adapter_config.json describes (targets in deltaw's full-match syntax)."""
+    targets = config["target_modules"]
+    if isinstance(targets, list):
+        targets = [r"(.*\.)?" + re.escape(target) for target in targets]
+    deltaw = config.get("deltaw") or {}
+    return LoRAConfig(
+        rank=int(config["r"]),
+        alpha=float(config["lora_alpha"]),
+        dropout=float(config.get("lora_dropout") or 0.0),
+        targets=targets,
+        use_rslora=bool(config.get("use_rslora", False)),
+        init=deltaw.get("init", "gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming"),
+    )
+
+
+# --------------------------------------------------------------------------------------------- saving
+def save_adapter(model: nn.Module, path: str | os.PathLike, name: str, metadata: dict | None = None) -> Path:
+    """Write adapter `name` to directory `path` in PEFT's layout; each file is replaced atomically.
+
+    `metadata` is merged into the config's "deltaw" section (e.g. how the adapter was trained).
+    """
+    record = require_adapter(model, name)
+    layers = {module: layer for module, layer in lora_layers(model) if name in layer.lora_A}
+    tensors = {}
+    for module, layer in layers.items():
+        tensors[f"{KEY_PREFIX}{module}.lora_A.weight"] = layer.lora_A[name].detach().cpu().contiguous()
+        tensors[f"{KEY_PREFIX}{module}.lora_B.weight"] = layer.lora_B[name].detach().cpu().contiguous()
+    config = _peft_config(model, name, record, layers)
+    config["deltaw"].update(metadata or {})
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    weights_tmp = path / f".{WEIGHTS_FILE}.tmp"
+    save_file(tensors, str(weights_tmp), metadata={"format": "pt"})
+    os.replace(weights_tmp, path / WEIGHTS_FILE)
+    config_tmp = path / f".{CONFIG_FILE}.tmp"
+    config_tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(config_tmp, path / CONFIG_FILE)
+    record.metadata.update(metadata or {})
+    return path
+
+
+def _peft_config(model: nn.Module, name: str, record: AdapterRecord, layers: dict[str, LoRALinear]) -> dict:
+    """adapter_config.json for adapter `name`: PEFT's keys, per-layer ranks in rank_pattern/alpha_pattern."""
+    cfg = record.config
+    ranks = {module: layer.rank(name) for module, layer in layers.items()}
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    alphas = {module: _alpha_of(layer.scaling[name], ranks[module], cfg.use_rslora) for module, layer in layers.items()}
+    alpha = cfg.alpha if rank == cfg.rank else Counter(alphas.values()).most_common(1)[0][0]
+    rank_pattern = {re.escape(m): r for m, r in ranks.items() if r != rank}
+    alpha_pattern = {
+        re.escape(m): a for m, a in alphas.items() if lora_scaling(alpha, ranks[m], cfg.use_rslora) != layers[m].scaling[name]
+    }
+    deltaw = {key: value for key, value in record.metadata.items() if key != "fingerprint"}
+    deltaw.update(fingerprint=model_fingerprint(model), targets=cfg.to_dict()["targets"],
+                  exclude=list(cfg.exclude), init=cfg.init)
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": _target_modules(model, sorted(layers)),
+        "exclude_modules": None,
+        "use_rslora": cfg.use_rslora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_dora": False,
+        "inference_mode": True,
+        "deltaw": deltaw,
+    }
+
+
+def _alpha_of(scaling: float, rank: int, use_rslora: bool) -> float:
+    alpha = scaling * (rank**0.5 if use_rslora else rank)
+    return round(alpha, 6)
+
+
+def _target_modules(model: nn.Module, modules: list[str]) -> list[str] | str:
+    """PEFT's target_modules for exactly `modules`: the leaf names when they select exactly this set
+    (what PEFT itself writes, and what vLLM expects), else a full-match regex of the paths."""
+    leaves = sorted({module.rsplit(".", 1)[-1] for module in modules})
+    by_leaves = [
+        name for name in linear_modules(model)
+        if peft_target_matches({"target_modules": leaves}, name, head=None)
+    ]
+    if sorted(by_leaves) == modules:
+        return leaves
+    return "|".join(re.escape(module) for module in modules)
+
+
+# --------------------------------------------------------------------------------------------- inspecting
+def describe_adapter(path: str | os.PathLike) -> str:
+    """A human-readable summary of the adapter in `path`: config, targets, ranks, size, fingerprint."""
+    adapter = read_adapter(path)
+    config = adapter.config
+    ranks = Counter(a.shape[0] for a, _ in adapter.weights.values())
+    dtypes = sorted({str(a.dtype).replace("torch.", "") for a, _ in adapter.weights.values()})
+    size = sum(f.stat().st_size for f in adapter.path.iterdir() if f.is_file())
+    leaves = Counter(module.rsplit(".", 1)[-1] for module in adapter.weights)
+    deltaw = config.get("deltaw") or {}
+    lines = [
+        f"adapter       {adapter.path}",
+        f"type          {config['peft_type']} (use_rslora={config.get('use_rslora', False)})",
+        f"base model    {config.get('base_model_name_or_path')}",
+        f"rank          r={config['r']}, alpha={config['lora_alpha']}, per-layer ranks {dict(sorted(ranks.items()))}",
+        f"targets       {config['target_modules']}",
+        f"modules       {len(adapter.weights)} ({', '.join(f'{k}: {v}' for k, v in sorted(leaves.items()))})",
+        f"parameters    {adapter.num_parameters:,} ({', '.join(dtypes)})",
+        f"size on disk  {size:,} bytes ({size / 2**20:.2f} MiB)",
+        f"fingerprint   {deltaw.get('fingerprint', 'none (not written by deltaw)')}",
+    ]
+    extra = {k: v for k, v in deltaw.items() if k not in ("fingerprint", "targets", "exclude", "init")}
+    if extra:
+        lines.append(f"metadata      {json.dumps(extra, sort_keys=True)}")
+    return "\n".join(lines)

@@ -1,0 +1,57 @@
+"""Export a merged model: base + adapter folded into plain nn.Linear weights, saved as an HF directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from deltaw.manage import lora_layers, merge_adapter, registry
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Replace every LoRALinear by a plain nn.Linear holding its current weight (merged or not).
+
+    Adapters are dropped; call merge_adapter first to keep one. Returns the same model object.
+    """
+    for module_name, layer in list(lora_layers(model)):
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                           device="meta")
+        linear.weight = layer.weight
+        if layer.bias is not None:
+            linear.bias = layer.bias
+        parent_name, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+    registry(model).adapters.clear()
+    registry(model).active = None
+    return model
+
+
+def export_merged(
+    model: nn.Module,
+    tokenizer: object,
+    adapter: str,
+    out: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Merge `adapter` into `model`, drop the adapter layers and write an HF model directory to `out`.
+
+    The directory holds config.json, the tokenizer and model.safetensors, and loads with
+    `transformers.AutoModelForCausalLM.from_pretrained(out)`. The model object is consumed.
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out}: exists and is not empty; choose a new directory or pass overwrite=True (--overwrite)")
+    merge_adapter(model, adapter)
+    unload(model)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if dtype is not None:
+        model.to(dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny random Llamas built in the test (no downloads) and the bundled SmolLM2."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import deltaw
+
+
+def make_tiny_llama(seed: int = 0, tie: bool = False, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """A 2-layer Llama with grouped-query attention, random weights, in eval mode."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie,
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def randomize_lora_b(model: torch.nn.Module, name: str, seed: int = 1, std: float = 0.1) -> None:
+    """Give adapter `name` a non-zero B (a fresh adapter is a no-op), reproducibly."""
+    generator = torch.Generator().manual_seed(seed)
+    for _, layer in deltaw.manage.lora_layers(model):
+        if name in layer.lora_B:
+            b = layer.lora_B[name]
+            b.data.copy_(torch.randn(b.shape, generator=generator) * std)
+
+
+@pytest.fixture
+def tiny() -> LlamaForCausalLM:
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="session")
+def bundled_pristine():
+    """The bundled SmolLM2-135M-Instruct in fp32, loaded once; tests take copies via `bundled`."""
+    return deltaw.load_model(deltaw.BUNDLED_NAME)
+
+
+@pytest.fixture
+def bundled(bundled_pristine):
+    """A private copy of the bundled model (tests may add adapters and merge) and its tokenizer."""
+    model, tokenizer = bundled_pristine
+    return copy.deepcopy(model), tokenizer
+
+
+@pytest.fixture(scope="session")
+def bundled_tokens(bundled_pristine) -> torch.Tensor:
+    _, tokenizer = bundled_pristine
+    text = ["The quick brown fox jumps over the lazy dog, and then", "def fibonacci(n):\n    return"]
+    return tokenizer(text, return_tensors="pt", padding=True)["input_ids"]
