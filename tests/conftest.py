@@ -56,5 +56,5 @@ def bundled(bundled_pristine):
 @pytest.fixture(scope="session")
 def bundled_tokens(bundled_pristine) -> torch.Tensor:
     _, tokenizer = bundled_pristine
-    text = ["The quick brown fox jumps over the lazy dog, and then", "def fibonacci(n):\n    return"]
+    text = ["The quick brown fox jumps over the lazy dog, and then", "def fibonacci(n):\n    return"]  # row 0 is unpadded
     return tokenizer(text, return_tensors="pt", padding=True)["input_ids"]

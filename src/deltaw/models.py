@@ -54,12 +54,12 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> str:
     """An HF model directory or hub id for `name_or_path`, converting (once) a GGUF file if needed."""
     name = str(name_or_path)
     if name == BUNDLED_NAME:
-        return str(converted_gguf_dir(bundled_gguf(), BUNDLED_NAME))
+        return str(converted_gguf_dir(bundled_gguf()))
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"{path}: no such GGUF file")
-        return str(converted_gguf_dir(path.resolve(), path.stem))
+        return str(converted_gguf_dir(path.resolve()))
     if path.exists() and not (path / "config.json").is_file():
         raise ModelLoadError(
             f"{path}: not a model directory (no config.json); give an HF model directory, a .gguf file, "
@@ -68,10 +68,11 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> str:
     return str(path) if path.exists() else name
 
 
-def converted_gguf_dir(gguf_file: Path, label: str) -> Path:
+def converted_gguf_dir(gguf_file: Path) -> Path:
     """The cached safetensors conversion of `gguf_file`, made on first use (atomically)."""
     stat = gguf_file.stat()
     key = hashlib.sha256(f"{gguf_file}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    label = gguf_file.stem
     target = cache_dir() / "models" / f"{label}-{key}"
     if (target / "config.json").is_file():
         return target

@@ -129,3 +129,25 @@ def test_bundled_model_round_trip_both_ways(bundled, bundled_pristine, bundled_t
     deltaw.set_adapter(model, "peft")
     with torch.no_grad():
         assert (model(bundled_tokens).logits - theirs).abs().max() <= 1e-4
+
+
+@pytest.mark.slow
+def test_bundled_merge_error_is_no_larger_than_peft(bundled, bundled_pristine, bundled_tokens, tmp_path):
+    """Merged-vs-unmerged logits differ by fp32 rounding only: no more for deltaw than for PEFT."""
+    model, _ = bundled
+    deltaw.add_lora(model, deltaw.LoRAConfig(rank=16, alpha=32))
+    randomize_lora_b(model, "default", std=0.02)
+    path = deltaw.save_adapter(model, tmp_path / "a", "default")
+    with torch.no_grad():
+        unmerged = model(bundled_tokens).logits
+        deltaw.merge_adapter(model, "default")
+        ours = (model(bundled_tokens).logits - unmerged).abs().max().item()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(bundled_pristine[0]), str(path)).eval()
+    with torch.no_grad():
+        peft_unmerged = peft_model(bundled_tokens).logits
+        peft_model.merge_adapter()
+        theirs = (peft_model(bundled_tokens).logits - peft_unmerged).abs().max().item()
+    assert (peft_unmerged - unmerged).abs().max() <= 1e-4
+    assert ours <= theirs * 1.05
