@@ -15,9 +15,10 @@ injection. A is initialised at random and B at zero, so a fresh adapter leaves t
 bit-identical. B·(A·x) is computed, never (B·A)·x.
 
 Merging writes W + scaling·B·A into `weight` (the delta in float32, cast back to the weight's dtype)
-after keeping the unmerged weight in `unmerged_weight`; unmerging copies it back, so unmerge is exact
-bit for bit and switching adapters by merge never drifts. That copy exists only while an adapter is
-merged: its cost is one copy of each targeted weight.
+after copying the unmerged weight into `unmerged_weight`; unmerging copies it back, so unmerge is exact
+bit for bit and switching adapters by merge never drifts. The copy is made on the first merge and kept
+as a reusable buffer (no allocation, no page faults on later merges) until
+`unmerge_adapter(model, release_memory=True)`: its cost is one copy of each merged weight.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ class LoRALinear(nn.Module):
         scaling: adapter name -> float.
         active: the adapter added in forward, or None for the base layer.
         merged: the adapter currently added into `weight`, or None.
-        unmerged_weight: [out, in] copy of the base weight, kept only while `merged` is set.
+        unmerged_weight: [out, in] copy of the base weight, made by the first merge; it holds the base
+            weight whenever `merged` is set, and is scratch space otherwise.
     """
 
     def __init__(self, base: nn.Linear) -> None:
@@ -127,6 +129,8 @@ class LoRALinear(nn.Module):
         del self.scaling[name]
         if self.active == name:
             self.active = None
+        if not self.lora_A:
+            self.unmerged_weight = None
 
     def rank(self, name: str) -> int:
         """The rank r of adapter `name` in this layer."""
@@ -164,40 +168,44 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge_(self, name: str) -> None:
-        """weight <- unmerged weight + scaling·B·A (float32 arithmetic, cast back).
+        """weight <- base weight + scaling·B·A (float32 arithmetic, cast back).
 
-        Merging while another adapter is merged replaces it: the sum always starts from the
-        kept unmerged weight, so the result equals a fresh merge of `name`.
+        The base weight is first copied into `unmerged_weight` (a buffer reused across merges, so
+        repeated merges allocate nothing). Merging while another adapter is merged replaces it: the
+        sum always starts from that copy, so the result equals a fresh merge of `name` bit for bit.
         """
         if name not in self.lora_A:
             raise KeyError(f"adapter {name!r} is not in this layer; it has {list(self.lora_A)}")
         if self.merged == name:
             return
-        if self.unmerged_weight is None:
-            self.unmerged_weight = self.weight.detach().clone()
+        weight = self.weight.data
+        if self.merged is None:
+            if self.unmerged_weight is None or self.unmerged_weight.shape != weight.shape:
+                self.unmerged_weight = torch.empty_like(weight)
+            self.unmerged_weight.copy_(weight)
         lora_a = self.lora_A[name].detach().float()
         lora_b = self.lora_B[name].detach().float()
-        scaling = self.scaling[name]
-        if self.weight.dtype == torch.float32:
-            torch.addmm(self.unmerged_weight, lora_b, lora_a, alpha=scaling, out=self.weight.data)
+        if weight.dtype == torch.float32:
+            if self.merged is not None:
+                weight.copy_(self.unmerged_weight)
+            weight.addmm_(lora_b, lora_a, alpha=self.scaling[name])
         else:
-            merged = torch.addmm(self.unmerged_weight.float(), lora_b, lora_a, alpha=scaling)
-            self.weight.data.copy_(merged)
+            weight.copy_(torch.addmm(self.unmerged_weight.float(), lora_b, lora_a, alpha=self.scaling[name]))
         self.merged = name
         self.active = name
 
     @torch.no_grad()
-    def unmerge_(self) -> None:
-        """Restore the base weight bit for bit and free the kept copy."""
-        if self.merged is None:
-            return
-        self.weight.data.copy_(self.unmerged_weight)
-        self.unmerged_weight = None
-        self.merged = None
+    def unmerge_(self, release_memory: bool = False) -> None:
+        """Restore the base weight bit for bit; with `release_memory` also free the kept copy."""
+        if self.merged is not None:
+            self.weight.data.copy_(self.unmerged_weight)
+            self.merged = None
+        if release_memory:
+            self.unmerged_weight = None
 
     def base_weight(self) -> torch.Tensor:
         """The unmerged base weight [out, in], whether or not an adapter is merged."""
-        return self.weight if self.unmerged_weight is None else self.unmerged_weight
+        return self.weight if self.merged is None else self.unmerged_weight
 
     def extra_repr(self) -> str:
         ranks = {name: self.rank(name) for name in self.lora_A}

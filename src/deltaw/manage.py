@@ -228,9 +228,13 @@ def merge_adapter(model: nn.Module, name: str) -> None:
     registry(model).active = name
 
 
-def unmerge_adapter(model: nn.Module) -> str | None:
-    """Restore the base weights bit for bit; the adapter stays active, unmerged. Returns its name."""
+def unmerge_adapter(model: nn.Module, release_memory: bool = False) -> str | None:
+    """Restore the base weights bit for bit; the adapter stays active, unmerged. Returns its name.
+
+    Each merged layer keeps its copy of the base weight for the next merge (a copy of every merged
+    weight); `release_memory=True` frees it.
+    """
     name = merged_adapter(model)
     for _, layer in lora_layers(model):
-        layer.unmerge_()
+        layer.unmerge_(release_memory=release_memory)
     return name

@@ -38,7 +38,32 @@ def test_unmerge_restores_base_weights_bit_for_bit(dtype, tokens):
     assert deltaw.unmerge_adapter(model) == "a"
     after = weights(model)
     assert all(torch.equal(base[k], after[k]) for k in base)
+
+
+def test_merge_buffers_are_reused_and_released_on_request():
+    model = with_adapters()
+    layer = model.model.layers[0].mlp.up_proj
+    deltaw.merge_adapter(model, "a")
+    buffer = layer.unmerged_weight.data_ptr()
+    deltaw.unmerge_adapter(model)
+    deltaw.merge_adapter(model, "b")
+    assert layer.unmerged_weight.data_ptr() == buffer  # no new allocation per merge
+    deltaw.unmerge_adapter(model, release_memory=True)
     assert all(layer.unmerged_weight is None for _, layer in deltaw.manage.lora_layers(model))
+
+
+def test_merging_after_the_base_weight_changed_uses_the_new_base():
+    """The kept copy is refreshed on every merge from the unmerged state: it never goes stale."""
+    model = with_adapters()
+    layer = model.model.layers[0].mlp.up_proj
+    deltaw.merge_adapter(model, "a")
+    deltaw.unmerge_adapter(model)
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    new_base = layer.weight.detach().clone()
+    deltaw.merge_adapter(model, "a")
+    deltaw.unmerge_adapter(model)
+    assert torch.equal(layer.weight, new_base)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
