@@ -30,6 +30,12 @@ def randomize_lora_b(model: torch.nn.Module, name: str, seed: int = 1, std: floa
             b.data.copy_(torch.randn(b.shape, generator=generator) * std)
 
 
+@pytest.fixture(autouse=True)
+def seeded() -> None:
+    """Every test starts from the same global RNG state (LoRA's A init draws from it), whatever ran before."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def tiny() -> LlamaForCausalLM:
     return make_tiny_llama()
