@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/switch_demo.py
+	$(PY) examples/persona_demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

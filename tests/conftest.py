@@ -64,3 +64,44 @@ def bundled_tokens(bundled_pristine) -> torch.Tensor:
     _, tokenizer = bundled_pristine
     text = ["The quick brown fox jumps over the lazy dog, and then", "def fibonacci(n):\n    return"]  # row 0 is unpadded
     return tokenizer(text, return_tensors="pt", padding=True)["input_ids"]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The bundled model's tokenizer (chat template included), without loading the model."""
+    from transformers import AutoTokenizer
+
+    from deltaw.models import resolve_model_dir
+
+    return AutoTokenizer.from_pretrained(resolve_model_dir(deltaw.BUNDLED_NAME))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A tiny random Llama with the bundled tokenizer's vocabulary, saved as an HF directory.
+
+    initializer_range 0.3 (not 0.02) gives the frozen random head logits wide enough for an adapter
+    to move the loss a long way; with 0.02 no logit can exceed ~0.6 and the loss stays near log(V)."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, initializer_range=0.3,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    LlamaForCausalLM(config).save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+def write_jsonl(path, records) -> str:
+    """Write records (dicts, or raw strings written as they are) one per line; return the path."""
+    import json
+
+    with open(path, "w") as handle:
+        for record in records:
+            handle.write((record if isinstance(record, str) else json.dumps(record)) + "\n")
+    return str(path)
+
+
+def chat(question: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}

@@ -9,12 +9,18 @@ import time
 import torch
 
 from deltaw.adapter import AdapterFormatError, describe_adapter, load_adapter
+from deltaw.checkpoint import CheckpointError
+from deltaw.data import DataError
 from deltaw.export import export_merged
+from deltaw.generation import chat_inputs, generate, load_with_adapters
+from deltaw.manage import deactivate_adapters, list_adapters, set_adapter
 from deltaw.models import BUNDLED_NAME, ModelLoadError, load_model
 from deltaw.targets import TargetError
+from deltaw.train import TrainConfig, TrainingError, train
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-USER_ERRORS = (AdapterFormatError, TargetError, ModelLoadError, FileExistsError, FileNotFoundError, KeyError, ValueError)
+USER_ERRORS = (AdapterFormatError, TargetError, ModelLoadError, DataError, TrainingError, CheckpointError,
+               FileExistsError, FileNotFoundError, KeyError, ValueError, RuntimeError)
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -34,6 +40,146 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(describe_adapter(args.adapter))
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    """Train a LoRA adapter on a JSONL file."""
+    fields = {f for f in TrainConfig.__dataclass_fields__}
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    config.progress = not args.no_progress
+    result = train(config)
+    val = f", validation loss {result.final_val_loss:.4f}" if result.final_val_loss is not None else ""
+    print(f"trained {result.steps} steps on {result.tokens:,} tokens in {result.seconds:.0f} s: loss "
+          f"{result.final_loss:.4f}{val}\nadapter -> {result.out} (metrics.jsonl, loss.png, checkpoints/)")
+
+
+def _start(model: torch.nn.Module, name: str | None) -> str | None:
+    """Activate the adapter the user chose with --use (the only one loaded, if there is one)."""
+    names = list_adapters(model)
+    if name is None and len(names) > 1:
+        raise ValueError(f"several adapters are loaded ({names}); choose one with --use NAME")
+    name = name or (names[0] if names else None)
+    if name is not None:
+        set_adapter(model, name)
+    return name
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """Generate a completion (or a chat answer with --chat), streamed to the terminal."""
+    from transformers import TextStreamer
+
+    model, tokenizer = load_with_adapters(args.model, args.adapter, DTYPES[args.dtype])
+    _start(model, args.use)
+    if args.chat:
+        inputs = chat_inputs(tokenizer, [{"role": "user", "content": args.prompt}])
+    else:
+        inputs = tokenizer(args.prompt, return_tensors="pt")
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    generate(model, tokenizer, inputs, args.max_new_tokens, args.temperature, args.top_p, args.seed, streamer)
+
+
+CHAT_HELP = "commands: /use NAME (switch adapter), /base (no adapter), /adapters (list), /reset (forget history), /quit"
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    """An interactive chat whose adapter can be switched mid-conversation."""
+    from transformers import TextStreamer
+
+    model, tokenizer = load_with_adapters(args.model, args.adapter, DTYPES[args.dtype])
+    current = _start(model, args.use)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    history: list[dict] = []
+    print(f"chatting with {current or 'the base model'}; {CHAT_HELP}")
+    while True:
+        try:
+            line = input(f"[{current or 'base'}] you> ").strip()
+        except EOFError:
+            print()
+            return
+        if not line:
+            continue
+        command, _, argument = line.partition(" ")
+        if command in ("/quit", "/exit"):
+            return
+        if command == "/adapters":
+            print("adapters: " + ", ".join(f"{n}{' (active)' if n == current else ''}" for n in list_adapters(model))
+                  if list_adapters(model) else "no adapters loaded")
+        elif command == "/base":
+            deactivate_adapters(model)
+            current = None
+            print("now: the base model")
+        elif command == "/use":
+            try:
+                set_adapter(model, argument.strip())
+            except KeyError as exc:
+                print(f"error: {exc.args[0]}")
+                continue
+            current = argument.strip()
+            print(f"now: {current}")
+        elif command == "/reset":
+            history.clear()
+            print("history cleared")
+        elif command.startswith("/"):
+            print(f"unknown command {command!r}; {CHAT_HELP}")
+        else:
+            history.append({"role": "user", "content": line})
+            print(f"{current or 'base'}> ", end="", flush=True)
+            reply = generate(model, tokenizer, chat_inputs(tokenizer, history), args.max_new_tokens,
+                             args.temperature, args.top_p, args.seed, streamer)[0]
+            history.append({"role": "assistant", "content": reply.strip()})
+
+
+def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=BUNDLED_NAME, help=f"base model (default {BUNDLED_NAME})")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                        help="load an adapter under a name (repeatable)")
+    parser.add_argument("--use", help="the adapter to start with (default: the only one loaded)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="training JSONL (messages / prompt+completion / text)")
+    parser.add_argument("--out", required=True, help="output directory for the adapter, metrics and checkpoints")
+    parser.add_argument("--model", default=BUNDLED_NAME, help=f"base model (default {BUNDLED_NAME})")
+    lora = parser.add_argument_group("adapter")
+    lora.add_argument("--rank", type=int, default=16)
+    lora.add_argument("--alpha", type=float, default=32.0)
+    lora.add_argument("--dropout", type=float, default=0.0)
+    lora.add_argument("--targets", nargs="+", default=None,
+                      help="'all-linear' (default) or regexes full-matched against module names")
+    lora.add_argument("--exclude", nargs="+", default=None, help="regexes of modules to leave out")
+    lora.add_argument("--use-rslora", action="store_true", default=None)
+    length = parser.add_argument_group("length (one of)")
+    length.add_argument("--steps", type=int, help="optimizer steps")
+    length.add_argument("--epochs", type=float, help="passes over the data")
+    optim = parser.add_argument_group("optimization")
+    optim.add_argument("--batch-size", type=int, default=4)
+    optim.add_argument("--grad-accum", type=int, default=1)
+    optim.add_argument("--lr", type=float, default=2e-4)
+    optim.add_argument("--warmup", type=int, default=0, help="warm-up steps")
+    optim.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
+    optim.add_argument("--weight-decay", type=float, default=0.0)
+    optim.add_argument("--max-grad-norm", type=float, default=1.0)
+    optim.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    optim.add_argument("--seed", type=int, default=0)
+    optim.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    data = parser.add_argument_group("data")
+    data.add_argument("--seq-len", type=int, default=512)
+    data.add_argument("--packing", action="store_true", default=None)
+    data.add_argument("--val-data", help="validation JSONL")
+    data.add_argument("--val-split", type=float, help="fraction of --data held out for validation")
+    data.add_argument("--val-every", type=int, default=0, help="steps between validations (0: at the end)")
+    data.add_argument("--skip-bad-lines", action="store_true", default=None,
+                      help="skip and count malformed lines instead of stopping")
+    runs = parser.add_argument_group("checkpoints")
+    runs.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (0: at the end)")
+    runs.add_argument("--keep-checkpoints", type=int, default=2)
+    runs.add_argument("--resume", action="store_true", default=None, help="continue from the newest checkpoint")
+    runs.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltaw", description="Low-rank adapters on one frozen base model.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -47,6 +193,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="load the adapter even if it was made for another base model")
     merge.add_argument("--overwrite", action="store_true", help="write into a non-empty --out directory")
     merge.set_defaults(func=cmd_merge)
+
+    train_parser = commands.add_parser("train", help="train a LoRA adapter on JSONL data")
+    _add_train_flags(train_parser)
+    train_parser.set_defaults(func=cmd_train)
+
+    generate_parser = commands.add_parser("generate", help="generate text with the base model or an adapter")
+    _add_generation_flags(generate_parser)
+    generate_parser.add_argument("--prompt", required=True)
+    generate_parser.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    generate_parser.set_defaults(func=cmd_generate)
+
+    chat_parser = commands.add_parser("chat", help="interactive chat; /use NAME switches adapters")
+    _add_generation_flags(chat_parser)
+    chat_parser.set_defaults(func=cmd_chat)
 
     inspect = commands.add_parser("inspect", help="describe an adapter directory")
     inspect.add_argument("adapter", help="adapter directory")

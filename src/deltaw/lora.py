@@ -149,10 +149,15 @@ class LoRALinear(nn.Module):
         return self._add_lora(y, x, name)
 
     def _add_lora(self, y: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-        """y + scaling·B·(A·x); y: [..., out], x: [..., in]. One fused multiply-add for B."""
+        """y + scaling·B·(A·x); y: [..., out], x: [..., in]. One fused multiply-add for B.
+
+        Under autocast (bf16 training with fp32 adapter weights) the matmuls run in the autocast dtype;
+        without it, mixed dtypes compute the adapter in its own dtype and cast the result back.
+        """
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]
         scaling = self.scaling[name]
-        if x.dtype != lora_a.dtype or y.dtype != lora_b.dtype:
+        mixed = x.dtype != lora_a.dtype or y.dtype != lora_b.dtype
+        if mixed and not torch.is_autocast_enabled(x.device.type):
             delta = F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b)
             return y + (delta * scaling).to(y.dtype)
         ax = F.linear(x, lora_a).reshape(-1, lora_a.shape[0])  # [tokens, r]

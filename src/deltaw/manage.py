@@ -188,28 +188,32 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         reg.active = None
 
 
-@contextmanager
-def disable_adapters(model: nn.Module) -> Iterator[None]:
-    """Within the block the model computes the base output; the active adapter is restored after."""
+def deactivate_adapters(model: nn.Module) -> None:
+    """Make the model compute the base output until the next set_adapter (loaded adapters stay)."""
     merged = merged_adapter(model)
     if merged is not None:
         raise RuntimeError(
             f"adapter {merged!r} is merged into the weights, so the base output is not available; "
             "call unmerge_adapter(model) first"
         )
+    for _, layer in lora_layers(model):
+        layer.active = None
+    registry(model).active = None
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[None]:
+    """Within the block the model computes the base output; the active adapter is restored after."""
     layers = [layer for _, layer in lora_layers(model)]
     saved = [layer.active for layer in layers]
-    reg = registry(model)
-    saved_active = reg.active
-    for layer in layers:
-        layer.active = None
-    reg.active = None
+    saved_active = registry(model).active
+    deactivate_adapters(model)
     try:
         yield
     finally:
         for layer, active in zip(layers, saved):
             layer.active = active
-        reg.active = saved_active
+        registry(model).active = saved_active
 
 
 def merge_adapter(model: nn.Module, name: str) -> None:

@@ -1,0 +1,130 @@
+"""LoRA training step: deltaw vs PEFT on the bundled SmolLM2-135M, side by side in one run.
+
+Same model, same LoRA (r=16, alpha=32, all linear layers), same batches (4 x 256 tokens of the persona
+data, loss on every token), same optimizer (AdamW, lr 1e-4), in bf16 and fp32. deltaw runs as `deltaw train` does: its loss
+(`deltaw.losses`), its attention choice (`deltaw.train.choose_attention`: eager for bf16 on CPU at this
+length) and its allocator setting (`deltaw.runtime.tune_malloc_for_reuse`). PEFT runs as a PEFT user
+gets it ("peft"), and once more with deltaw's two process settings applied ("peft+settings"), to
+show how much of the difference those settings alone explain. Each measurement round
+runs one deltaw worker and one PEFT worker process, alternating; a worker loads the model, takes
+warm-up steps, then times steps and reports its peak resident memory (ru_maxrss), so memory figures
+are per framework, not mixed. bf16 means: base weights bf16 and autocast bf16, adapter weights and
+optimizer state fp32, for both.
+
+    .venv/bin/python bench/train_lora.py [--rounds 2] [--steps 4] [--warmup 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore")
+ROOT = Path(__file__).resolve().parents[1]
+BATCH, SEQ = 4, 256
+
+
+def batches(tokenizer, count: int) -> list[dict[str, torch.Tensor]]:
+    """`count` batches of 4 x 256 tokens packed from the persona chats (labels = inputs)."""
+    ids: list[int] = []
+    for line in (ROOT / "examples" / "personas" / "pirate.jsonl").read_text().splitlines():
+        messages = json.loads(line)["messages"]
+        ids += tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+    flat = torch.tensor(ids[: count * BATCH * SEQ]).view(count, BATCH, SEQ)
+    return [{"input_ids": b, "attention_mask": torch.ones_like(b), "labels": b.clone()} for b in flat]
+
+
+def worker(framework: str, dtype_name: str, steps: int, warmup: int) -> dict:
+    import deltaw
+    from deltaw.losses import lm_loss_sum
+    from deltaw.runtime import tune_malloc_for_reuse
+    from deltaw.train import choose_attention
+
+    if framework in ("deltaw", "peft+settings"):
+        tune_malloc_for_reuse()
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    model, tokenizer = deltaw.load_model(deltaw.BUNDLED_NAME, dtype=dtype)
+    model.config.use_cache = False
+    data = batches(tokenizer, steps + warmup)
+    if framework in ("deltaw", "peft+settings"):
+        choose_attention(model, SEQ, dtype_name)
+    if framework == "deltaw":
+        deltaw.add_lora(model, deltaw.LoRAConfig(rank=16, alpha=32), dtype=torch.float32)
+
+        def loss_of(batch):
+            total, count = lm_loss_sum(model, batch)
+            return total / count
+    else:
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+
+        def loss_of(batch):
+            return model(**batch).loss
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in params) == 4_884_480 and all(p.dtype == torch.float32 for p in params)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
+    times, losses = [], []
+    for index, batch in enumerate(data):
+        start = time.perf_counter()
+        with autocast:
+            loss = loss_of(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - start
+        losses.append(loss.item())
+        if index >= warmup:
+            times.append(elapsed)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"times": times, "losses": losses, "peak_mib": peak_mib}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per worker")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--worker", nargs=2, metavar=("FRAMEWORK", "DTYPE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args.steps, args.warmup)))
+        return
+    import peft
+
+    print(f"bundled SmolLM2-135M, LoRA r=16 alpha=32 all-linear, batch {BATCH}x{SEQ} tokens, AdamW; "
+          f"{args.rounds} alternating rounds x {args.steps} timed steps after {args.warmup} warm-up steps per worker; "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, peft {peft.__version__}\n")
+    print("| dtype | framework | s/step (median) | tokens/s | peak RSS (MiB) | first-step loss | tokens/s vs PEFT |")
+    print("|---|---|---|---|---|---|---|")
+    for dtype in ("bf16", "fp32"):
+        results: dict[str, list[dict]] = {"deltaw": [], "peft": [], "peft+settings": []}
+        for _ in range(args.rounds):
+            for framework in results:
+                command = [sys.executable, __file__, "--worker", framework, dtype,
+                           "--steps", str(args.steps), "--warmup", str(args.warmup)]
+                output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+                results[framework].append(json.loads(output.strip().splitlines()[-1]))
+        medians = {f: statistics.median(t for r in rs for t in r["times"]) for f, rs in results.items()}
+        for framework, runs in results.items():
+            step = medians[framework]
+            print(f"| {dtype} | {framework} | {step:.2f} | {BATCH * SEQ / step:,.0f} | "
+                  f"{max(r['peak_mib'] for r in runs):,.0f} | {runs[0]['losses'][0]:.4f} | "
+                  f"{medians['peft'] / step:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

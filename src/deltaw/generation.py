@@ -1,0 +1,90 @@
+"""Text generation on a base model with named adapters: prompts in, text out (optionally streamed)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from deltaw.adapter import load_adapter
+from deltaw.manage import disable_adapters, list_adapters, set_adapter
+from deltaw.models import load_model
+
+
+def parse_adapter_spec(spec: str) -> tuple[str, str]:
+    """'name=DIR' -> (name, DIR); a bare DIR is named after its last path component."""
+    name, sep, path = spec.partition("=")
+    if not sep:
+        path, name = spec, Path(spec.rstrip("/")).name
+    return name, path
+
+
+def load_with_adapters(
+    model_name: str, adapter_specs: Sequence[str], dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, object]:
+    """Load a base model and each 'name=DIR' adapter onto it (none active)."""
+    model, tokenizer = load_model(model_name, dtype=dtype)
+    for spec in adapter_specs:
+        name, path = parse_adapter_spec(spec)
+        load_adapter(model, path, name)
+    return model, tokenizer
+
+
+def chat_inputs(tokenizer, messages: list[dict]) -> dict[str, torch.Tensor]:
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+
+
+def generate(
+    model: nn.Module,
+    tokenizer,
+    inputs: dict[str, torch.Tensor],
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    streamer=None,
+) -> list[str]:
+    """Generate from a (left-padded) batch: greedy when temperature is 0. Returns the new text per row."""
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, found {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, found {temperature} and {top_p}")
+    if seed is not None:
+        torch.manual_seed(seed)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
+        "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad_id, streamer=streamer,
+                                **sampling)
+    new = output[:, inputs["input_ids"].shape[1]:]
+    return tokenizer.batch_decode(new, skip_special_tokens=True)
+
+
+def answer_questions(
+    model: nn.Module, tokenizer, questions: Sequence[str], adapter: str | None,
+    max_new_tokens: int = 64, batch_size: int = 16,
+) -> list[str]:
+    """Greedy chat answers to `questions` with `adapter` active (None: the base model)."""
+    if adapter is not None and adapter not in list_adapters(model):
+        raise KeyError(f"no adapter named {adapter!r}; loaded adapters: {list_adapters(model)}")
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    answers = []
+    try:
+        for start in range(0, len(questions), batch_size):
+            texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                   add_generation_prompt=True)
+                     for q in questions[start : start + batch_size]]
+            inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            if adapter is None:
+                with disable_adapters(model):
+                    answers += generate(model, tokenizer, inputs, max_new_tokens)
+            else:
+                set_adapter(model, adapter)
+                answers += generate(model, tokenizer, inputs, max_new_tokens)
+    finally:
+        tokenizer.padding_side = side
+    return [answer.strip() for answer in answers]
