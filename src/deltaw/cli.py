@@ -20,7 +20,7 @@ from deltaw.train import TrainConfig, TrainingError, train
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 USER_ERRORS = (AdapterFormatError, TargetError, ModelLoadError, DataError, TrainingError, CheckpointError,
-               FileExistsError, FileNotFoundError, KeyError, ValueError, RuntimeError)
+               FileExistsError, FileNotFoundError, KeyError, ValueError)
 
 
 def cmd_merge(args: argparse.Namespace) -> None:

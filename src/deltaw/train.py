@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from deltaw.adapter import save_adapter
 from deltaw.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from deltaw.config import LoRAConfig
-from deltaw.data import Dataset, Example, collate, load_jsonl, pack, split_validation
+from deltaw.data import IGNORE, Dataset, Example, collate, load_jsonl, pack, split_validation
 from deltaw.losses import lm_loss_sum
 from deltaw.manage import add_lora
 from deltaw.metrics import MetricsLog, plot_losses
@@ -202,6 +202,9 @@ def train(config: TrainConfig) -> TrainResult:
     state = {"step": 0, "micro_batch": 0, "tokens": 0, "config": _run_config(config, dataset)}
     if resume_from is not None:
         state = _resume(resume_from, model, optimizer, scheduler, config, dataset)
+        if state["step"] >= total_steps:
+            raise TrainingError(f"--resume: {resume_from} is the end of a finished run ({total_steps} steps); "
+                                f"its adapter is in {out}. Train longer in another --out")
         print(f"resumed from {resume_from} at step {state['step']}")
     metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=state["step"])
     autocast = torch.autocast(model.device.type, dtype=torch.bfloat16) if config.dtype == "bf16" else nullcontext()
@@ -243,7 +246,7 @@ def train(config: TrainConfig) -> TrainResult:
 
 def _optimizer_step(model, micro, params, optimizer, scheduler, autocast, config, state, out) -> tuple[float, int]:
     """Forward/backward over the micro-batches of one step, then clip and step. Returns (loss, tokens)."""
-    predicted = sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in micro)
+    predicted = sum(int((batch["labels"][:, 1:] != IGNORE).sum()) for batch in micro)
     total = 0.0
     for batch in micro:
         with autocast:

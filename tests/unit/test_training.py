@@ -103,6 +103,12 @@ def test_an_earlier_run_is_never_overwritten_without_resume(tiny_model_dir, data
         train(config(tiny_model_dir, data, tmp_path / "fresh", steps=2, resume=True))
 
 
+def test_resuming_a_finished_run_is_refused(tiny_model_dir, data, tmp_path):
+    train(config(tiny_model_dir, data, tmp_path / "out", steps=2))
+    with pytest.raises(TrainingError, match="finished run"):
+        train(config(tiny_model_dir, data, tmp_path / "out", steps=2, resume=True))
+
+
 def test_resume_with_other_settings_is_refused(tiny_model_dir, data, tmp_path):
     train(config(tiny_model_dir, data, tmp_path / "out", steps=4, save_every=2))
     with pytest.raises(TrainingError, match="other settings: lr 0.005 -> 0.001"):
