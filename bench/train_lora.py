@@ -7,7 +7,7 @@ length) and its allocator setting (`deltaw.runtime.tune_malloc_for_reuse`). PEFT
 gets it ("peft"), and once more with deltaw's two process settings applied ("peft+settings"), to
 show how much of the difference those settings alone explain. Each measurement round
 runs one deltaw worker and one PEFT worker process, alternating; a worker loads the model, takes
-warm-up steps, then times steps and reports its peak resident memory (ru_maxrss), so memory figures
+warm-up steps, then times steps and reports its peak resident memory (VmHWM), so memory figures
 are per framework, not mixed. bf16 means: base weights bf16 and autocast bf16, adapter weights and
 optimizer state fp32, for both.
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,13 @@ def batches(tokenizer, count: int) -> list[dict[str, torch.Tensor]]:
         ids += tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
     flat = torch.tensor(ids[: count * BATCH * SEQ]).view(count, BATCH, SEQ)
     return [{"input_ids": b, "attention_mask": torch.ones_like(b), "labels": b.clone()} for b in flat]
+
+
+def peak_rss_kib() -> int:
+    """This process's peak resident memory. VmHWM, not ru_maxrss, which Linux carries across execve from
+    the forking parent."""
+    with open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith("VmHWM")).split()[1])
 
 
 def worker(framework: str, dtype_name: str, steps: int, warmup: int) -> dict:
@@ -89,7 +95,7 @@ def worker(framework: str, dtype_name: str, steps: int, warmup: int) -> dict:
         losses.append(loss.item())
         if index >= warmup:
             times.append(elapsed)
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mib = peak_rss_kib() / 1024
     return {"times": times, "losses": losses, "peak_mib": peak_mib}
 
 

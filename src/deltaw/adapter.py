@@ -25,7 +25,7 @@ from torch import nn
 
 from deltaw.config import LoRAConfig
 from deltaw.fingerprint import fingerprint_mismatch, model_fingerprint
-from deltaw.lora import LoRALinear, check_adapter_name, lora_scaling
+from deltaw.lora import check_adapter_name, lora_scaling
 from deltaw.manage import AdapterRecord, lora_layers, registry, require_adapter, wrap_linear
 from deltaw.targets import ALL_LINEAR, linear_modules, output_head
 
@@ -191,17 +191,21 @@ def plan_load(
         for part, tensor in (("A", lora_a), ("B", lora_b)):
             if not torch.isfinite(tensor).all():
                 raise AdapterFormatError(f"{where}: key '{key}.lora_{part}.weight' contains NaN or Inf values")
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
         target_dtype = dtype or layer.weight.dtype
         device = layer.weight.device
         planned.append(PlannedLayer(
-            module, lora_a.to(device, target_dtype), lora_b.to(device, target_dtype),
-            lora_scaling(alpha, rank, bool(config.get("use_rslora", False))),
+            module, lora_a.to(device, target_dtype), lora_b.to(device, target_dtype), module_scaling(config, module, rank),
         ))
     _check_target_set(model, adapter, linears)
     if not ignore_fingerprint:
         _check_fingerprint(model, adapter)
     return planned
+
+
+def module_scaling(config: dict, module: str, rank: int) -> float:
+    """The scaling PEFT gives `module` under this config: alpha (or its alpha_pattern) over r or √r."""
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+    return lora_scaling(alpha, rank, bool(config.get("use_rslora", False)))
 
 
 def _pattern_value(patterns: dict, module: str, default: float) -> float:
@@ -311,12 +315,30 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str, metadata:
     """
     record = require_adapter(model, name)
     layers = {module: layer for module, layer in lora_layers(model) if name in layer.lora_A}
+    cfg = record.config
+    deltaw = {key: value for key, value in record.metadata.items() if key != "fingerprint"}
+    deltaw.update(fingerprint=model_fingerprint(model), targets=cfg.to_dict()["targets"],
+                  exclude=list(cfg.exclude), init=cfg.init, **(metadata or {}))
+    config = lora_config_dict(
+        ranks={module: layer.rank(name) for module, layer in layers.items()},
+        scalings={module: layer.scaling[name] for module, layer in layers.items()},
+        target_modules=target_modules_for(list(linear_modules(model)), sorted(layers)),
+        use_rslora=cfg.use_rslora, dropout=cfg.dropout, init=cfg.init,
+        base_model=getattr(getattr(model, "config", None), "_name_or_path", None),
+        deltaw=deltaw, rank=cfg.rank, alpha=cfg.alpha,
+    )
+    weights = {module: (layer.lora_A[name], layer.lora_B[name]) for module, layer in layers.items()}
+    write_adapter(path, weights, config)
+    record.metadata.update(metadata or {})
+    return Path(path)
+
+
+def write_adapter(path: str | os.PathLike, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], config: dict) -> Path:
+    """Write module -> (A [r, in], B [out, r]) and `config` as a PEFT-layout directory, each file atomically."""
     tensors = {}
-    for module, layer in layers.items():
-        tensors[f"{KEY_PREFIX}{module}.lora_A.weight"] = layer.lora_A[name].detach().cpu().contiguous()
-        tensors[f"{KEY_PREFIX}{module}.lora_B.weight"] = layer.lora_B[name].detach().cpu().contiguous()
-    config = _peft_config(model, name, record, layers)
-    config["deltaw"].update(metadata or {})
+    for module, (lora_a, lora_b) in weights.items():
+        tensors[f"{KEY_PREFIX}{module}.lora_A.weight"] = lora_a.detach().cpu().contiguous()
+        tensors[f"{KEY_PREFIX}{module}.lora_B.weight"] = lora_b.detach().cpu().contiguous()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     weights_tmp = path / f".{WEIGHTS_FILE}.tmp"
@@ -325,44 +347,52 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str, metadata:
     config_tmp = path / f".{CONFIG_FILE}.tmp"
     config_tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     os.replace(config_tmp, path / CONFIG_FILE)
-    record.metadata.update(metadata or {})
     return path
 
 
-def _peft_config(model: nn.Module, name: str, record: AdapterRecord, layers: dict[str, LoRALinear]) -> dict:
-    """adapter_config.json for adapter `name`: PEFT's keys, per-layer ranks in rank_pattern/alpha_pattern."""
-    cfg = record.config
-    ranks = {module: layer.rank(name) for module, layer in layers.items()}
-    rank = Counter(ranks.values()).most_common(1)[0][0]
-    alphas = {module: _alpha_of(layer.scaling[name], ranks[module], cfg.use_rslora) for module, layer in layers.items()}
-    alpha = cfg.alpha if rank == cfg.rank else Counter(alphas.values()).most_common(1)[0][0]
+def lora_config_dict(
+    ranks: dict[str, int],
+    scalings: dict[str, float],
+    target_modules: list[str] | str,
+    *,
+    use_rslora: bool = False,
+    dropout: float = 0.0,
+    init: str = "kaiming",
+    base_model: str | None = None,
+    deltaw: dict | None = None,
+    rank: int | None = None,
+    alpha: float | None = None,
+) -> dict:
+    """adapter_config.json for layers with these ranks and scalings: PEFT's keys, `rank` (default: the
+    most common rank) as `r`, per-layer exceptions in rank_pattern/alpha_pattern."""
+    alphas = {module: _alpha_of(scalings[module], ranks[module], use_rslora) for module in ranks}
+    if rank is None or rank not in ranks.values():
+        rank, alpha = Counter(ranks.values()).most_common(1)[0][0], None
+    if alpha is None:
+        alpha = Counter(a for m, a in alphas.items() if ranks[m] == rank).most_common(1)[0][0]
     rank_pattern = {re.escape(m): r for m, r in ranks.items() if r != rank}
-    alpha_pattern = {
-        re.escape(m): a for m, a in alphas.items() if lora_scaling(alpha, ranks[m], cfg.use_rslora) != layers[m].scaling[name]
-    }
-    deltaw = {key: value for key, value in record.metadata.items() if key != "fingerprint"}
-    deltaw.update(fingerprint=model_fingerprint(model), targets=cfg.to_dict()["targets"],
-                  exclude=list(cfg.exclude), init=cfg.init)
+    alpha_pattern = {re.escape(m): a for m, a in alphas.items()
+                     if lora_scaling(alpha, ranks[m], use_rslora) != scalings[m]}
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
+        "base_model_name_or_path": base_model,
         "r": rank,
         "lora_alpha": alpha,
-        "lora_dropout": cfg.dropout,
-        "target_modules": _target_modules(model, sorted(layers)),
+        "lora_dropout": dropout,
+        "target_modules": target_modules,
         "exclude_modules": None,
-        "use_rslora": cfg.use_rslora,
+        "use_rslora": use_rslora,
         "bias": "none",
         "fan_in_fan_out": False,
-        "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True,
+        "init_lora_weights": "gaussian" if init == "gaussian" else True,
         "modules_to_save": None,
         "layers_to_transform": None,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "use_dora": False,
         "inference_mode": True,
-        "deltaw": deltaw,
+        "deltaw": deltaw or {},
     }
 
 
@@ -371,17 +401,15 @@ def _alpha_of(scaling: float, rank: int, use_rslora: bool) -> float:
     return round(alpha, 6)
 
 
-def _target_modules(model: nn.Module, modules: list[str]) -> list[str] | str:
-    """PEFT's target_modules for exactly `modules`: the leaf names when they select exactly this set
-    (what PEFT itself writes, and what vLLM expects), else a full-match regex of the paths."""
+def target_modules_for(linear_names: list[str], modules: list[str]) -> list[str] | str:
+    """PEFT's target_modules for exactly `modules` among a model's linear layers: the leaf names when
+    they select exactly this set (what PEFT itself writes, and what vLLM expects), else a full-match
+    regex of the paths."""
     leaves = sorted({module.rsplit(".", 1)[-1] for module in modules})
-    by_leaves = [
-        name for name in linear_modules(model)
-        if peft_target_matches({"target_modules": leaves}, name, head=None)
-    ]
-    if sorted(by_leaves) == modules:
+    by_leaves = [name for name in linear_names if peft_target_matches({"target_modules": leaves}, name, head=None)]
+    if sorted(by_leaves) == sorted(modules):
         return leaves
-    return "|".join(re.escape(module) for module in modules)
+    return "|".join(re.escape(module) for module in sorted(modules))
 
 
 # --------------------------------------------------------------------------------------------- inspecting

@@ -180,6 +180,63 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     runs.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _rank_or_energy(args: argparse.Namespace) -> dict:
+    if (args.rank is None) == (args.energy is None):
+        raise ValueError("give exactly one of --rank and --energy")
+    return {"rank": args.rank, "energy": args.energy}
+
+
+def cmd_extract(args: argparse.Namespace) -> None:
+    """Extract an adapter from a fine-tuned model by truncated SVD of each layer's weight change."""
+    from deltaw.svdtools import extract_adapter
+
+    print(extract_adapter(args.base, args.tuned, args.out, uniform=args.uniform, progress=not args.no_progress,
+                          **_rank_or_energy(args)))
+
+
+def cmd_resize(args: argparse.Namespace) -> None:
+    """Truncate an adapter's rank by SVD of each layer's B·A."""
+    from deltaw.svdtools import logit_difference, resize_adapter
+
+    report = resize_adapter(args.adapter, args.out, uniform=args.uniform, **_rank_or_energy(args))
+    print(report)
+    if args.model:
+        difference, effect = logit_difference(args.model, args.adapter, args.out)
+        print(f"logits on a sample sentence: max |resized - original| = {difference:.4g} "
+              f"(the original adapter moves them by up to {effect:.4g})")
+
+
+def cmd_combine(args: argparse.Namespace) -> None:
+    """Combine adapters into one: exactly (cat) or truncated (svd)."""
+    from deltaw.svdtools import combine_adapters
+
+    weights = args.weights or [1.0] * len(args.adapters)
+    print(combine_adapters(args.adapters, weights, args.out, method=args.method, rank=args.rank,
+                           energy=args.energy, uniform=args.uniform))
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    """Parameters and memory of full fine-tuning vs LoRA vs QLoRA."""
+    from deltaw.plan import model_plan, shape_plan
+
+    if args.shape:
+        try:
+            out_features, in_features = (int(x) for x in args.shape.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--shape must look like 8192x8192 (out x in), found {args.shape!r}") from None
+        print(shape_plan(out_features, in_features, args.rank, args.dtype))
+    else:
+        print(model_plan(args.model, args.rank, batch=args.batch, seq_len=args.seq_len, dtype=args.dtype))
+
+
+def _add_svd_flags(parser: argparse.ArgumentParser, rank_required: bool = True) -> None:
+    parser.add_argument("--rank", type=int, help="rank per layer (at most)")
+    parser.add_argument("--energy", type=float, help="keep this fraction of each layer's squared Frobenius norm")
+    parser.add_argument("--out", required=True, help="output adapter directory")
+    parser.add_argument("--uniform", action="store_true",
+                        help="zero-pad every layer to the largest rank (for servers that ignore rank_pattern)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltaw", description="Low-rank adapters on one frozen base model.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -207,6 +264,35 @@ def build_parser() -> argparse.ArgumentParser:
     chat_parser = commands.add_parser("chat", help="interactive chat; /use NAME switches adapters")
     _add_generation_flags(chat_parser)
     chat_parser.set_defaults(func=cmd_chat)
+
+    extract = commands.add_parser("extract", help="extract an adapter from a fine-tuned model (SVD of W_tuned - W_base)")
+    extract.add_argument("--base", default=BUNDLED_NAME, help=f"base model (default {BUNDLED_NAME})")
+    extract.add_argument("--tuned", required=True, help="fine-tuned model directory (safetensors)")
+    extract.add_argument("--no-progress", action="store_true")
+    _add_svd_flags(extract)
+    extract.set_defaults(func=cmd_extract)
+
+    resize = commands.add_parser("resize", help="lower an adapter's rank by SVD")
+    resize.add_argument("adapter", help="adapter directory")
+    resize.add_argument("--model", help="base model: also report the logit difference on a sample")
+    _add_svd_flags(resize)
+    resize.set_defaults(func=cmd_resize)
+
+    combine = commands.add_parser("combine", help="combine adapters: exact (cat) or truncated (svd)")
+    combine.add_argument("adapters", nargs="+", help="adapter directories")
+    combine.add_argument("--weights", type=float, nargs="+", help="one weight per adapter (default 1 each)")
+    combine.add_argument("--method", choices=["svd", "cat"], default="svd")
+    _add_svd_flags(combine)
+    combine.set_defaults(func=cmd_combine)
+
+    plan = commands.add_parser("plan", help="parameters and memory: full fine-tuning vs LoRA vs QLoRA")
+    plan.add_argument("--model", default=BUNDLED_NAME, help="model name or directory (its config only is read)")
+    plan.add_argument("--shape", help="one linear layer instead, e.g. 8192x8192")
+    plan.add_argument("--rank", type=int, default=16)
+    plan.add_argument("--batch", type=int, default=0)
+    plan.add_argument("--seq-len", type=int, default=0)
+    plan.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    plan.set_defaults(func=cmd_plan)
 
     inspect = commands.add_parser("inspect", help="describe an adapter directory")
     inspect.add_argument("adapter", help="adapter directory")
