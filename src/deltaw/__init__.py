@@ -18,6 +18,8 @@ from deltaw.manage import (
     unmerge_adapter,
 )
 from deltaw.models import BUNDLED_NAME, ModelLoadError, load_model
+from deltaw.plan import model_plan, shape_plan
+from deltaw.svdtools import combine_adapters, extract_adapter, resize_adapter
 from deltaw.targets import TargetError
 
 __version__ = "0.1.0"
@@ -32,19 +34,24 @@ __all__ = [
     "TargetError",
     "active_adapter",
     "add_lora",
+    "combine_adapters",
     "deactivate_adapters",
     "delete_adapter",
     "describe_adapter",
     "disable_adapters",
     "export_merged",
+    "extract_adapter",
     "list_adapters",
     "load_adapter",
     "load_model",
     "merge_adapter",
     "merged_adapter",
+    "model_plan",
     "read_adapter",
+    "resize_adapter",
     "save_adapter",
     "set_adapter",
+    "shape_plan",
     "unload",
     "unmerge_adapter",
 ]

@@ -229,7 +229,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         print(model_plan(args.model, args.rank, batch=args.batch, seq_len=args.seq_len, dtype=args.dtype))
 
 
-def _add_svd_flags(parser: argparse.ArgumentParser, rank_required: bool = True) -> None:
+def _add_svd_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=int, help="rank per layer (at most)")
     parser.add_argument("--energy", type=float, help="keep this fraction of each layer's squared Frobenius norm")
     parser.add_argument("--out", required=True, help="output adapter directory")

@@ -144,3 +144,19 @@ def test_cli_combine_resize_and_plan(tmp_path):
     assert "67,108,864" in result.stdout and "131,072" in result.stdout and "512x" in result.stdout
     result = subprocess.run([DELTAW, "resize", str(first), "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert result.returncode == 2 and "exactly one of --rank and --energy" in result.stderr
+
+
+def test_randomized_svd_reports_its_achieved_error_exactly(monkeypatch):
+    from deltaw import svd
+
+    monkeypatch.setattr(svd, "RANDOMIZED_ABOVE", 32)  # take the randomized path on a small matrix
+    generator = torch.Generator().manual_seed(0)
+    low_rank = torch.randn(300, 12, generator=generator, dtype=torch.float64) @ torch.randn(
+        12, 200, generator=generator, dtype=torch.float64)
+    delta = low_rank + 1e-3 * torch.randn(300, 200, generator=generator, dtype=torch.float64)
+    approximate = svd.factor_dense(delta, rank=12)
+    exact = svd.torch.linalg.svdvals(delta)
+    achieved = float((delta - approximate.lora_b.double() @ approximate.lora_a.double()).norm() / delta.norm())
+    assert approximate.rel_error == pytest.approx(achieved, rel=1e-3, abs=1e-6)  # fp32 factors round a little
+    best = float((exact[12:] ** 2).sum().sqrt() / exact.norm())
+    assert achieved <= best * 1.05  # near the optimal rank-12 error
