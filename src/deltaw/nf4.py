@@ -1,0 +1,203 @@
+"""4-bit NormalFloat (NF4) with double quantization, in bitsandbytes' layout.
+
+Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs" (2023).
+
+    weight [out, in] --flatten (row-major)--> blocks of 64 --/absmax per block--> [-1, 1]
+        --> nearest of the 16 NF4 codes (ties to the lower code) --> two codes per byte, first in the high nibble
+    absmax [blocks] fp32 --double quantization--> (absmax − mean) in blocks of 256, each scaled by its own
+        absmax and rounded to bitsandbytes' signed 8-bit dynamic map; the mean is kept as an offset
+
+    dequantize:  code[q] · absmax_block           absmax_block = dyn[q₂] · absmax₂ + offset   (fp32)
+
+Storage per parameter: 4 bits + 8/64 (absmax byte) + 32/(64·256) (fp32 second-level absmax)
+= 4.127 bits. The arithmetic follows bitsandbytes' reference kernels operation for operation (reciprocal
+multiply for full blocks, division for a last partial block, clamping, bucketing by code midpoints),
+so packed bytes and absmax are byte-identical to `bitsandbytes.functional.quantize_4bit` without
+double quantization, and bitsandbytes' dequantization reproduces deltaw's values exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+# The 16 NF4 values (quantiles of N(0, 1) normalized to [-1, 1], with an exact zero), as fp32.
+NF4_CODE = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+], dtype=torch.float32)
+NESTED_BLOCKSIZE = 256
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
+    """bitsandbytes' dynamic 8-bit code (Dettmers 2015): a sign, a unary exponent (10⁻⁶ … 10⁰), and a
+    linear fraction in the remaining bits; 256 sorted fp32 values including 0 and 1."""
+    values: list[float] = []
+    non_sign_bits = total_bits - 1
+    extra = 2 ** (non_sign_bits - max_exponent_bits) - 1
+    for exponent in range(max_exponent_bits):
+        count = 2 ** (exponent + non_sign_bits - max_exponent_bits) + 1 if signed else \
+            2 ** (exponent + non_sign_bits - max_exponent_bits + 1) + 1
+        edges = torch.linspace(0.1, 1, count, dtype=torch.float32)
+        means = (edges[:-1] + edges[1:]) / 2.0
+        scale = 10 ** (-(max_exponent_bits - 1) + exponent)
+        values += (scale * means).tolist()
+        if signed:
+            values += (-scale * means).tolist()
+    if extra > 0:
+        edges = torch.linspace(0.1, 1, extra + 1, dtype=torch.float32)
+        means = (edges[:-1] + edges[1:]) / 2.0
+        scale = 10 ** (-(max_exponent_bits - 1) + max_exponent_bits - 1)
+        values += (scale * means).tolist()
+        if signed:
+            values += (-scale * means).tolist()
+    values += [0.0, 1.0]
+    values += [0.0] * (2**total_bits - len(values))
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+def _blockwise(values: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale each block of the flattened fp32 `values` into [-1, 1] and take the nearest code (ties to the
+    lower one). Returns (code indices [n] int64, absmax [blocks] fp32)."""
+    flat = values.reshape(-1).float()
+    count = flat.numel()
+    tail = count % blocksize
+    full = count - tail
+    blocks = flat[:full].reshape(-1, blocksize)
+    absmax = blocks.abs().max(dim=-1)[0]
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    if tail:
+        last = flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, last.unsqueeze(0)])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / last, -1, 1)])
+    midpoints = (code[:-1] + code[1:]) / 2
+    return torch.bucketize(scaled, midpoints), absmax
+
+
+def _scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """values [n] fp32 times the absmax of their block."""
+    count = values.numel()
+    tail = count % blocksize
+    full = count - tail
+    out = torch.empty(count, dtype=torch.float32, device=values.device)
+    out[:full] = (values[:full].view(-1, blocksize) * absmax[: full // blocksize].view(-1, 1)).reshape(full)
+    if tail:
+        out[full:] = values[full:] * absmax[-1]
+    return out
+
+
+@dataclass
+class NF4Weight:
+    """A weight stored as NF4.
+
+    Attributes:
+        packed: [ceil(n/2)] uint8, two codes per byte, the first in the high nibble.
+        shape: the original shape; dtype: the original dtype (the default for dequantize).
+        blocksize: values per absmax (64).
+        absmax: [blocks] fp32, or, with double quantization, [blocks] uint8 indices into `nested_code`.
+        nested_absmax: [ceil(blocks/256)] fp32; nested_code: [256] fp32; offset: the mean removed (None
+            without double quantization).
+    """
+
+    packed: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int
+    absmax: torch.Tensor
+    nested_absmax: torch.Tensor | None = None
+    nested_code: torch.Tensor | None = None
+    offset: float | None = None
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    def block_absmax(self) -> torch.Tensor:
+        """[blocks] fp32 absmax, dequantized from 8 bits with double quantization."""
+        if not self.double_quant:
+            return self.absmax
+        values = self.nested_code.to(self.absmax.device)[self.absmax.long()]
+        return _scale_blocks(values, self.nested_absmax, NESTED_BLOCKSIZE) + torch.tensor(
+            self.offset, dtype=torch.float32, device=self.absmax.device)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight in `dtype` (default: the original dtype): code[q] · absmax, computed in fp32."""
+        count = self.shape.numel()
+        codes = torch.empty(self.packed.numel() * 2, dtype=torch.long, device=self.packed.device)
+        codes[::2] = (self.packed >> 4).long()
+        codes[1::2] = (self.packed & 0xF).long()
+        values = NF4_CODE.to(self.packed.device)[codes[:count]]
+        return _scale_blocks(values, self.block_absmax(), self.blocksize).reshape(self.shape).to(dtype or self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        parts = [self.packed, self.absmax] + ([self.nested_absmax, self.nested_code] if self.double_quant else [])
+        return sum(t.numel() * t.element_size() for t in parts) + (4 if self.double_quant else 0)
+
+    def bits_per_parameter(self, include_code_tables: bool = False) -> float:
+        """Storage per weight; the 256-entry nested code table is shared by all layers unless included."""
+        nbytes = self.nbytes - (0 if include_code_tables or not self.double_quant else self.nested_code.numel() * 4)
+        return 8 * nbytes / self.shape.numel()
+
+
+def quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
+    """NF4-quantize `weight` (any shape, any float dtype) in blocks of `blocksize` values."""
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, found {blocksize}")
+    if not weight.is_floating_point():
+        raise TypeError(f"NF4 quantizes floating-point weights, found {weight.dtype}")
+    codes, absmax = _blockwise(weight.detach(), NF4_CODE.to(weight.device), blocksize)
+    if codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_full((1,), 7)])  # pad with the code of 0.0
+    codes = codes.to(torch.uint8)
+    packed = (codes[::2] << 4) | codes[1::2]
+    result = NF4Weight(packed, weight.shape, weight.dtype, blocksize, absmax)
+    if double_quant:
+        offset = absmax.mean()
+        nested_code = dynamic_map().to(weight.device)
+        indices, nested_absmax = _blockwise(absmax - offset, nested_code, NESTED_BLOCKSIZE)
+        result.absmax = indices.to(torch.uint8)
+        result.nested_absmax, result.nested_code, result.offset = nested_absmax, nested_code, float(offset)
+    return result
+
+
+# --------------------------------------------------------------------------------------------- bitsandbytes layout
+def to_bnb(weight: NF4Weight, prefix: str = "weight") -> dict[str, torch.Tensor]:
+    """The tensors bitsandbytes' Linear4bit writes to a state dict (`weight`, `weight.absmax`, ...)."""
+    info = {"quant_type": "nf4", "blocksize": weight.blocksize, "dtype": str(weight.dtype).removeprefix("torch."),
+            "shape": list(weight.shape)}
+    state = {prefix: weight.packed.reshape(-1, 1), f"{prefix}.absmax": weight.absmax,
+             f"{prefix}.quant_map": NF4_CODE.clone()}
+    if weight.double_quant:
+        info.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=weight.offset)
+        state[f"{prefix}.nested_absmax"] = weight.nested_absmax
+        state[f"{prefix}.nested_quant_map"] = weight.nested_code.clone()
+    state[f"{prefix}.quant_state.bitsandbytes__nf4"] = torch.tensor(list(json.dumps(info).encode()), dtype=torch.uint8)
+    return state
+
+
+def from_bnb(state: dict[str, torch.Tensor], prefix: str = "weight") -> NF4Weight:
+    """Read bitsandbytes' serialized 4-bit state (as written by Linear4bit) into an NF4Weight."""
+    key = f"{prefix}.quant_state.bitsandbytes__nf4"
+    if key not in state:
+        found = [k for k in state if "quant_state" in k]
+        raise ValueError(f"missing {key!r} (found {found or 'no quant_state'}); only NF4 states can be read")
+    info = json.loads(bytes(state[key].cpu().numpy().tolist()).decode())
+    code = state[f"{prefix}.quant_map"].float()
+    if not torch.equal(code.cpu(), NF4_CODE):
+        raise ValueError(f"{prefix}.quant_map is not the NF4 code table")
+    nested = f"{prefix}.nested_absmax" in state
+    return NF4Weight(
+        packed=state[prefix].reshape(-1).view(torch.uint8),
+        shape=torch.Size(info["shape"]),
+        dtype=getattr(torch, info["dtype"]),
+        blocksize=int(info["blocksize"]),
+        absmax=state[f"{prefix}.absmax"],
+        nested_absmax=state[f"{prefix}.nested_absmax"].float() if nested else None,
+        nested_code=state[f"{prefix}.nested_quant_map"].float() if nested else None,
+        offset=float(info["nested_offset"]) if nested else None,
+    )
