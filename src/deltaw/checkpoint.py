@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deltaw.adapter import WEIGHTS_FILE, save_adapter
+from deltaw.adapter import read_adapter, save_adapter
 from deltaw.manage import lora_layers
 
 LATEST = "latest"
@@ -92,7 +92,7 @@ def load_checkpoint(
 ) -> dict:
     """Restore adapter weights, optimizer, scheduler and RNG from `path`; return its state dict."""
     state = json.loads((path / "state.json").read_text())
-    restore_adapter_weights(model, adapter, load_file(str(path / WEIGHTS_FILE)))
+    restore_adapter_weights(model, adapter, read_adapter(path).weights)
     names = parameter_names(model, optimizer)
     tensors = load_file(str(path / "optimizer.safetensors"))
     optimizer.load_state_dict({
@@ -122,16 +122,19 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> dic
     return tensors
 
 
-def restore_adapter_weights(model: nn.Module, adapter: str, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy checkpointed A and B into the model's adapter `adapter` (same layout as save_adapter)."""
+def restore_adapter_weights(
+    model: nn.Module, adapter: str, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    """Copy checkpointed module -> (A, B) (as read_adapter parses them) into the model's adapter `adapter`."""
     for module, layer in lora_layers(model):
         if adapter not in layer.lora_A:
             continue
-        for part, store in (("A", layer.lora_A), ("B", layer.lora_B)):
-            key = f"base_model.model.{module}.lora_{part}.weight"
-            if key not in tensors:
-                raise CheckpointError(f"checkpoint lacks {key}; it belongs to another run (other --targets?)")
-            store[adapter].data.copy_(tensors[key])
+        if module not in weights:
+            raise CheckpointError(f"checkpoint lacks the adapter of {module!r}; it belongs to another run "
+                                  "(other --targets?)")
+        lora_a, lora_b = weights[module]
+        layer.lora_A[adapter].data.copy_(lora_a)
+        layer.lora_B[adapter].data.copy_(lora_b)
 
 
 def rng_tensors() -> dict[str, torch.Tensor]:

@@ -16,7 +16,8 @@ from deltaw.generation import chat_inputs, generate, load_with_adapters
 from deltaw.manage import deactivate_adapters, list_adapters, set_adapter
 from deltaw.models import BUNDLED_NAME, ModelLoadError, load_model
 from deltaw.targets import TargetError
-from deltaw.train import TrainConfig, TrainingError, train
+from deltaw.train import DTYPES as TRAIN_DTYPES
+from deltaw.train import SCHEDULES, TrainConfig, TrainingError, train
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 USER_ERRORS = (AdapterFormatError, TargetError, ModelLoadError, DataError, TrainingError, CheckpointError,
@@ -139,14 +140,19 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
 
 
+def _default(field: str) -> object:
+    """TrainConfig's default for `field`: the one place training defaults are written."""
+    return TrainConfig.__dataclass_fields__[field].default
+
+
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="training JSONL (messages / prompt+completion / text)")
     parser.add_argument("--out", required=True, help="output directory for the adapter, metrics and checkpoints")
     parser.add_argument("--model", default=BUNDLED_NAME, help=f"base model (default {BUNDLED_NAME})")
     lora = parser.add_argument_group("adapter")
-    lora.add_argument("--rank", type=int, default=16)
-    lora.add_argument("--alpha", type=float, default=32.0)
-    lora.add_argument("--dropout", type=float, default=0.0)
+    lora.add_argument("--rank", type=int, default=_default("rank"))
+    lora.add_argument("--alpha", type=float, default=_default("alpha"))
+    lora.add_argument("--dropout", type=float, default=_default("dropout"))
     lora.add_argument("--targets", nargs="+", default=None,
                       help="'all-linear' (default) or regexes full-matched against module names")
     lora.add_argument("--exclude", nargs="+", default=None, help="regexes of modules to leave out")
@@ -155,27 +161,27 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     length.add_argument("--steps", type=int, help="optimizer steps")
     length.add_argument("--epochs", type=float, help="passes over the data")
     optim = parser.add_argument_group("optimization")
-    optim.add_argument("--batch-size", type=int, default=4)
-    optim.add_argument("--grad-accum", type=int, default=1)
-    optim.add_argument("--lr", type=float, default=2e-4)
-    optim.add_argument("--warmup", type=int, default=0, help="warm-up steps")
-    optim.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
-    optim.add_argument("--weight-decay", type=float, default=0.0)
-    optim.add_argument("--max-grad-norm", type=float, default=1.0)
-    optim.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    optim.add_argument("--seed", type=int, default=0)
+    optim.add_argument("--batch-size", type=int, default=_default("batch_size"))
+    optim.add_argument("--grad-accum", type=int, default=_default("grad_accum"))
+    optim.add_argument("--lr", type=float, default=_default("lr"))
+    optim.add_argument("--warmup", type=int, default=_default("warmup"), help="warm-up steps")
+    optim.add_argument("--schedule", choices=SCHEDULES, default=_default("schedule"))
+    optim.add_argument("--weight-decay", type=float, default=_default("weight_decay"))
+    optim.add_argument("--max-grad-norm", type=float, default=_default("max_grad_norm"))
+    optim.add_argument("--dtype", choices=sorted(TRAIN_DTYPES), default=_default("dtype"))
+    optim.add_argument("--seed", type=int, default=_default("seed"))
     optim.add_argument("--gradient-checkpointing", action="store_true", default=None)
     data = parser.add_argument_group("data")
-    data.add_argument("--seq-len", type=int, default=512)
+    data.add_argument("--seq-len", type=int, default=_default("seq_len"))
     data.add_argument("--packing", action="store_true", default=None)
     data.add_argument("--val-data", help="validation JSONL")
     data.add_argument("--val-split", type=float, help="fraction of --data held out for validation")
-    data.add_argument("--val-every", type=int, default=0, help="steps between validations (0: at the end)")
+    data.add_argument("--val-every", type=int, default=_default("val_every"), help="steps between validations (0: at the end)")
     data.add_argument("--skip-bad-lines", action="store_true", default=None,
                       help="skip and count malformed lines instead of stopping")
     runs = parser.add_argument_group("checkpoints")
-    runs.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (0: at the end)")
-    runs.add_argument("--keep-checkpoints", type=int, default=2)
+    runs.add_argument("--save-every", type=int, default=_default("save_every"), help="checkpoint every K steps (0: at the end)")
+    runs.add_argument("--keep-checkpoints", type=int, default=_default("keep_checkpoints"))
     runs.add_argument("--resume", action="store_true", default=None, help="continue from the newest checkpoint")
     runs.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from deltaw.adapter import load_adapter
-from deltaw.manage import disable_adapters, list_adapters, set_adapter
+from deltaw.manage import disable_adapters, require_adapter, set_adapter
 from deltaw.models import load_model
 
 
@@ -68,8 +68,8 @@ def answer_questions(
     max_new_tokens: int = 64, batch_size: int = 16,
 ) -> list[str]:
     """Greedy chat answers to `questions` with `adapter` active (None: the base model)."""
-    if adapter is not None and adapter not in list_adapters(model):
-        raise KeyError(f"no adapter named {adapter!r}; loaded adapters: {list_adapters(model)}")
+    if adapter is not None:
+        require_adapter(model, adapter)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     answers = []

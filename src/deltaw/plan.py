@@ -108,9 +108,9 @@ def model_plan(model_name: str, rank: int, targets="all-linear", batch: int = 0,
     tokens = batch * seq_len
     activations = tokens * config.num_hidden_layers * activation_bytes_per_token(config, seq_len, rank, dtype)
     other = (RUNTIME_BYTES + loss_bytes(config, tokens) + ALLOCATOR_OVERHEAD * activations) if tokens else 0
-    full_activations = activations  # LoRA's extra saved inputs are replaced by the base weights' own
     rows = [
-        Row("full fine-tuning", total, total * width, total * width, 8 * total, full_activations, other, total * width),
+        # full fine-tuning saves the same layer inputs (for weight gradients) that LoRA saves for A
+        Row("full fine-tuning", total, total * width, total * width, 8 * total, activations, other, total * width),
         Row(f"LoRA r={rank}", lora, total * width + 4 * lora, 4 * lora, 8 * lora, activations, other, 4 * lora),
         Row(f"QLoRA r={rank}", lora, (total - quantized) * width + quantized * NF4_BITS / 8 + 4 * lora, 4 * lora,
             8 * lora, activations, other, 4 * lora),

@@ -112,10 +112,11 @@ def extract_adapter(
             if module not in tied:
                 report.notes.append(f"note: {tuned} has no tensor {key!r}; layer skipped")
             continue
-        delta = tuned_tensors.get(key).double() - layer.weight.detach().double()
-        if delta.shape != layer.weight.shape:
-            raise ValueError(f"{key}: the tuned model's shape {list(delta.shape)} differs from the base's "
+        tuned_weight = tuned_tensors.get(key)
+        if tuned_weight.shape != layer.weight.shape:  # checked before subtracting: shapes could broadcast
+            raise ValueError(f"{key}: the tuned model's shape {list(tuned_weight.shape)} differs from the base's "
                              f"{list(layer.weight.shape)}: not a fine-tune of this base")
+        delta = tuned_weight.double() - layer.weight.detach().double()
         norm = float(delta.norm())
         if norm == 0:
             continue
