@@ -17,7 +17,7 @@ from deltaw.manage import deactivate_adapters, list_adapters, set_adapter
 from deltaw.models import BUNDLED_NAME, ModelLoadError, load_model
 from deltaw.targets import TargetError
 from deltaw.train import DTYPES as TRAIN_DTYPES
-from deltaw.train import SCHEDULES, TrainConfig, TrainingError, train
+from deltaw.train import METHODS, SCHEDULES, TrainConfig, TrainingError, train
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 USER_ERRORS = (AdapterFormatError, TargetError, ModelLoadError, DataError, TrainingError, CheckpointError,
@@ -149,6 +149,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="training JSONL (messages / prompt+completion / text)")
     parser.add_argument("--out", required=True, help="output directory for the adapter, metrics and checkpoints")
     parser.add_argument("--model", default=BUNDLED_NAME, help=f"base model (default {BUNDLED_NAME})")
+    parser.add_argument("--method", choices=METHODS, default=_default("method"), help="what to train")
     lora = parser.add_argument_group("adapter")
     lora.add_argument("--rank", type=int, default=_default("rank"))
     lora.add_argument("--alpha", type=float, default=_default("alpha"))

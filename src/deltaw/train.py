@@ -34,8 +34,9 @@ from deltaw.runtime import tune_malloc_for_reuse
 ADAPTER = "default"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 SCHEDULES = ("cosine", "linear", "constant")
+METHODS = ("lora",)
 # Fields a resumed run must share with the run it continues.
-RESUME_FIELDS = ("model", "rank", "alpha", "targets", "exclude", "use_rslora", "batch_size", "grad_accum", "lr",
+RESUME_FIELDS = ("model", "method", "rank", "alpha", "targets", "exclude", "use_rslora", "batch_size", "grad_accum", "lr",
                  "warmup", "schedule", "seq_len", "dtype", "seed", "packing", "weight_decay", "steps", "epochs")
 
 
@@ -51,6 +52,7 @@ class TrainConfig:
         data: training JSONL file (see deltaw.data for the shapes).
         out: output directory: the final adapter, checkpoints/, metrics.jsonl, loss.png.
         model: base model (name, HF directory or .gguf).
+        method: what to train: "lora".
         rank, alpha, dropout, targets, exclude, use_rslora, init: the LoRA adapter (see LoRAConfig).
         steps: optimizer steps; or epochs: passes over the training data (one of the two).
         batch_size: examples per micro-batch; grad_accum: micro-batches per optimizer step.
@@ -71,6 +73,7 @@ class TrainConfig:
     data: str
     out: str
     model: str = BUNDLED_NAME
+    method: str = "lora"
     rank: int = 16
     alpha: float = 32.0
     dropout: float = 0.0
@@ -114,6 +117,8 @@ class TrainConfig:
             raise ValueError(f"--lr must be positive, found {self.lr}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule must be one of {SCHEDULES}, found {self.schedule!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {METHODS}, found {self.method!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, found {self.dtype!r}")
         if self.val_data and self.val_split:
@@ -187,8 +192,7 @@ def train(config: TrainConfig) -> TrainResult:
     model, tokenizer = load_model(config.model, dtype=DTYPES[config.dtype])
     train_examples, val_examples, dataset = _datasets(config, tokenizer)
     print(dataset.summary())
-    report = add_lora(model, config.lora(), name=ADAPTER, dtype=torch.float32)
-    print(report)
+    print(attach_adapter(model, config))
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -239,9 +243,19 @@ def train(config: TrainConfig) -> TrainResult:
     seconds = time.perf_counter() - start
     training = {**state["config"], "steps": state["step"], "tokens": state["tokens"], "final_loss": loss,
                 "final_val_loss": val_loss}
-    save_adapter(model, out, ADAPTER, metadata={"training": training})
+    save_trained_adapter(model, out, training)
     plot_losses(out / "metrics.jsonl", out / "loss.png")
     return TrainResult(out, state["step"], loss, val_loss, state["tokens"], seconds)
+
+
+def attach_adapter(model, config: TrainConfig) -> object:
+    """Add the trainable adapter `config.method` names to `model`; returns a printable report."""
+    return add_lora(model, config.lora(), name=ADAPTER, dtype=torch.float32)
+
+
+def save_trained_adapter(model, out: Path, training: dict) -> None:
+    """Write the trained adapter to `out` in PEFT's layout, with its training record."""
+    save_adapter(model, out, ADAPTER, metadata={"training": training})
 
 
 def _optimizer_step(model, micro, params, optimizer, scheduler, autocast, config, state, out) -> tuple[float, int]:
@@ -299,7 +313,7 @@ def _datasets(config: TrainConfig, tokenizer) -> tuple[list[Example], list[Examp
 
 def _run_config(config: TrainConfig, dataset: Dataset) -> dict:
     record = {key: value for key, value in asdict(config).items() if key not in ("progress", "resume")}
-    record.update(data_sha256=dataset.sha256, skipped_lines=len(dataset.skipped), method="lora")
+    record.update(data_sha256=dataset.sha256, skipped_lines=len(dataset.skipped))
     return record
 
 
