@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
 import torch
 
-from deltaw.adapter import AdapterFormatError, describe_adapter, load_adapter
+from deltaw.adapter import AdapterFormatError, describe_adapter, load_adapter, read_adapter
 from deltaw.checkpoint import CheckpointError
-from deltaw.data import DataError
-from deltaw.export import export_merged
+from deltaw.data import DataError, load_jsonl
+from deltaw.export import export_merged, unload
 from deltaw.generation import chat_inputs, generate, load_with_adapters
-from deltaw.manage import deactivate_adapters, list_adapters, set_adapter
+from deltaw.manage import deactivate_adapters, list_adapters, lora_layers, set_adapter
 from deltaw.models import BUNDLED_NAME, ModelLoadError, load_model
+from deltaw.nf4_linear import quantized_layers
+from deltaw.quantized import dequantize_model, merge_into_nf4, quantize_model, save_quantized
 from deltaw.targets import TargetError
 from deltaw.train import DTYPES as TRAIN_DTYPES
-from deltaw.train import METHODS, SCHEDULES, TrainConfig, TrainingError, train
+from deltaw.train import METHODS, SCHEDULES, TrainConfig, TrainingError, evaluate, train
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 USER_ERRORS = (AdapterFormatError, TargetError, ModelLoadError, DataError, TrainingError, CheckpointError,
@@ -25,15 +28,51 @@ USER_ERRORS = (AdapterFormatError, TargetError, ModelLoadError, DataError, Train
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    """Merge an adapter into its base model and write an HF model directory."""
+    """Merge an adapter into its base model and write an HF model directory (or an NF4 one with --nf4)."""
     start = time.perf_counter()
-    model, tokenizer = load_model(args.model, dtype=torch.float32)
+    quantization = read_adapter(args.adapter).config.get("deltaw", {}).get("base_quantization")
+    # A QLoRA adapter's base is rebuilt as in training: the same load dtype, then the same quantization.
+    model, tokenizer = load_model(args.model, dtype=DTYPES[quantization["dtype"]] if quantization else torch.float32)
+    if (quantization or args.nf4) and not quantized_layers(model):
+        spec = quantization or {}
+        print(quantize_model(model, spec.get("targets", "all-linear"), spec.get("exclude", ()),
+                             spec.get("blocksize", 64), spec.get("double_quant", True)))
     load_adapter(model, args.adapter, "merged", ignore_fingerprint=args.ignore_fingerprint)
+    if args.nf4:
+        _merge_nf4(model, tokenizer, args)
+        return
+    if quantized_layers(model) or any(layer.quantized for _, layer in lora_layers(model)):
+        dequantize_model(model, torch.float32)
+        print("merged into the dequantized NF4 base the adapter was trained on: no re-quantization error")
     out = export_merged(model, tokenizer, "merged", args.out, dtype=DTYPES[args.dtype], overwrite=args.overwrite)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"merged {args.adapter} into {args.model} -> {out} ({args.dtype}, {size / 2**20:.1f} MiB, "
           f"{time.perf_counter() - start:.1f} s)")
     print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+
+
+def _merge_nf4(model: torch.nn.Module, tokenizer, args: argparse.Namespace) -> None:
+    """Merge into the NF4 base, re-quantize, report the error, write a quantized model directory."""
+    examples = load_jsonl(args.val_data, tokenizer, seq_len=512).examples if args.val_data else []
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def val_loss() -> float:
+        return evaluate(model, examples, 8, pad_id, contextlib.nullcontext())
+
+    print(merge_into_nf4(model, "merged", val_loss if examples else None))
+    unload(model)
+    out = save_quantized(model, tokenizer, args.out, overwrite=args.overwrite)
+    print(f"merged {args.adapter} into the NF4 base -> {out} (load it with deltaw.load_model({str(out)!r}))")
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    """Store a model's linear layers as NF4 and write it as a directory that load_model reads."""
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype])
+    print(quantize_model(model, args.targets or "all-linear", args.exclude or (), args.blocksize,
+                         not args.no_double_quant))
+    out = save_quantized(model, tokenizer, args.out, overwrite=args.overwrite)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f"-> {out} ({size / 2**20:.1f} MiB on disk); train on it with `deltaw train --model {out}`")
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -256,7 +295,23 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--ignore-fingerprint", action="store_true",
                        help="load the adapter even if it was made for another base model")
     merge.add_argument("--overwrite", action="store_true", help="write into a non-empty --out directory")
+    merge.add_argument("--nf4", action="store_true",
+                       help="merge into the NF4 base and re-quantize (lossy: the error is reported); without it a "
+                            "QLoRA adapter merges exactly into the dequantized base, written in --dtype")
+    merge.add_argument("--val-data", help="with --nf4: JSONL whose loss is reported before and after the merge")
     merge.set_defaults(func=cmd_merge)
+
+    quantize = commands.add_parser("quantize", help="store a model's linear layers as NF4 (QLoRA's base)")
+    quantize.add_argument("--model", default=BUNDLED_NAME, help=f"model to quantize (default {BUNDLED_NAME})")
+    quantize.add_argument("--out", required=True, help="output directory (loads with --model DIR everywhere)")
+    quantize.add_argument("--targets", nargs="+", help="'all-linear' (default) or regexes of modules to quantize")
+    quantize.add_argument("--exclude", nargs="+", help="regexes of modules to keep in float")
+    quantize.add_argument("--blocksize", type=int, default=64, help="values per absmax (default 64)")
+    quantize.add_argument("--no-double-quant", action="store_true", help="keep absmax in fp32 (4.5 bits a weight)")
+    quantize.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
+                          help="compute dtype, and dtype of the weights left in float (default bf16)")
+    quantize.add_argument("--overwrite", action="store_true", help="write into a non-empty --out directory")
+    quantize.set_defaults(func=cmd_quantize)
 
     train_parser = commands.add_parser("train", help="train a LoRA adapter on JSONL data")
     _add_train_flags(train_parser)

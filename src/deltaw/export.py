@@ -9,19 +9,23 @@ import torch
 from torch import nn
 
 from deltaw.manage import lora_layers, merge_adapter, registry
+from deltaw.nf4_linear import NF4Linear
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Replace every LoRALinear by a plain nn.Linear holding its current weight (merged or not).
+    """Replace every LoRALinear by a plain nn.Linear (an NF4Linear for a 4-bit base) holding its current
+    weight (merged or not).
 
     Adapters are dropped; call merge_adapter first to keep one. Returns the same model object.
     """
     for module_name, layer in list(lora_layers(model)):
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                           device="meta")
-        linear.weight = layer.weight
-        if layer.bias is not None:
-            linear.bias = layer.bias
+        if layer.quantized:
+            linear = NF4Linear(layer.weight, layer.bias)
+        else:
+            linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+            linear.weight = layer.weight
+            if layer.bias is not None:
+                linear.bias = layer.bias
         parent_name, _, child = module_name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
     registry(model).adapters.clear()

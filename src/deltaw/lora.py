@@ -19,6 +19,11 @@ after copying the unmerged weight into `unmerged_weight`; unmerging copies it ba
 bit for bit and switching adapters by merge never drifts. The copy is made on the first merge and kept
 as a reusable buffer (no allocation, no page faults on later merges) until
 `unmerge_adapter(model, release_memory=True)`: its cost is one copy of each merged weight.
+
+QLoRA is one branch: built from an `NF4Linear`, the layer's `weight` is an `NF4Weight` (4-bit, frozen)
+and the base product runs through `linear_nf4`, which dequantizes block-wise on the fly. Merging into
+an NF4 weight re-quantizes W + scaling·B·A, which is lossy: the layer records the error it introduced
+(`merge_error`), and unmerging restores the original 4-bit weight exactly.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ import re
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from deltaw.nf4 import NF4Weight, quantize
+from deltaw.nf4_linear import NF4Linear, linear_nf4
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 
@@ -74,7 +82,7 @@ class LoRALinear(nn.Module):
     """An nn.Linear with named low-rank adapters, at most one of them active at a time.
 
     Attributes:
-        weight: [out, in], the frozen base weight (the original nn.Linear's parameter).
+        weight: [out, in], the frozen base weight (the original nn.Linear's parameter, or an NF4Weight).
         bias: [out] or None, the original bias.
         lora_A: adapter name -> [r, in].
         lora_B: adapter name -> [out, r].
@@ -82,10 +90,13 @@ class LoRALinear(nn.Module):
         active: the adapter added in forward, or None for the base layer.
         merged: the adapter currently added into `weight`, or None.
         unmerged_weight: [out, in] copy of the base weight, made by the first merge; it holds the base
-            weight whenever `merged` is set, and is scratch space otherwise.
+            weight whenever `merged` is set, and is scratch space otherwise (the NF4 branch keeps the
+            original NF4Weight instead).
+        merge_error: after a merge into an NF4 weight, ||Q(W + ΔW) − (W + ΔW)|| / ||ΔW|| (Frobenius):
+            the re-quantization error relative to the update; None otherwise.
     """
 
-    def __init__(self, base: nn.Linear) -> None:
+    def __init__(self, base: nn.Linear | NF4Linear) -> None:
         super().__init__()
         self.in_features = base.in_features
         self.out_features = base.out_features
@@ -97,7 +108,13 @@ class LoRALinear(nn.Module):
         self.scaling: dict[str, float] = {}
         self.active: str | None = None
         self.merged: str | None = None
+        self.merge_error: float | None = None
         self.register_buffer("unmerged_weight", None, persistent=False)
+
+    @property
+    def quantized(self) -> bool:
+        """True when the base weight is stored as NF4 (QLoRA)."""
+        return isinstance(self.weight, NF4Weight)
 
     # ----------------------------------------------------------------------------- adapters
     def add_adapter(
@@ -139,7 +156,7 @@ class LoRALinear(nn.Module):
     # ----------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in] -> [..., out]."""
-        y = F.linear(x, self.weight, self.bias)
+        y = linear_nf4(x, self.weight, self.bias) if self.quantized else F.linear(x, self.weight, self.bias)
         name = self.active
         if name is None or self.merged is not None:
             return y
@@ -183,6 +200,9 @@ class LoRALinear(nn.Module):
             raise KeyError(f"adapter {name!r} is not in this layer; it has {list(self.lora_A)}")
         if self.merged == name:
             return
+        if self.quantized:
+            self._merge_nf4(name)
+            return
         weight = self.weight.data
         if self.merged is None:
             if self.unmerged_weight is None or self.unmerged_weight.shape != weight.shape:
@@ -199,17 +219,43 @@ class LoRALinear(nn.Module):
         self.merged = name
         self.active = name
 
+    def _original_nf4(self) -> NF4Weight:
+        """The NF4 base weight as it was before any merge."""
+        kept = self.__dict__.get("_unmerged_nf4")
+        return self.weight if kept is None else kept
+
+    @torch.no_grad()
+    def _merge_nf4(self, name: str) -> None:
+        """weight <- Q(dequantize(base) + scaling·B·A), re-quantized with the base's settings; the original
+        NF4Weight is kept aside, so unmerge is exact. Sets `merge_error`."""
+        base = self._original_nf4()
+        delta = self.delta_weight(name).to(base.device)
+        target = base.dequantize(torch.float32).add_(delta)
+        merged = quantize(target, base.blocksize, base.double_quant).to(base.device)
+        merged.dtype = base.dtype
+        error = merged.dequantize(torch.float32).sub_(target).norm()
+        self.merge_error = float(error / delta.norm().clamp(min=1e-30))
+        self.__dict__["_unmerged_nf4"] = base
+        self.weight = merged
+        self.merged = name
+        self.active = name
+
     @torch.no_grad()
     def unmerge_(self, release_memory: bool = False) -> None:
         """Restore the base weight bit for bit; with `release_memory` also free the kept copy."""
-        if self.merged is not None:
+        if self.merged is not None and self.quantized:
+            self.weight = self.__dict__.pop("_unmerged_nf4").to(self.weight.device)
+            self.merged, self.merge_error = None, None
+        elif self.merged is not None:
             self.weight.data.copy_(self.unmerged_weight)
             self.merged = None
         if release_memory:
             self.unmerged_weight = None
 
     def base_weight(self) -> torch.Tensor:
-        """The unmerged base weight [out, in], whether or not an adapter is merged."""
+        """The unmerged base weight [out, in], whether or not an adapter is merged (dequantized if NF4)."""
+        if self.quantized:
+            return self._original_nf4().dequantize()
         return self.weight if self.merged is None else self.unmerged_weight
 
     def extra_repr(self) -> str:

@@ -16,6 +16,8 @@ from torch import nn
 
 from deltaw.config import LoRAConfig
 from deltaw.lora import LoRALinear, check_adapter_name, init_lora_weights
+from deltaw.nf4 import NF4Weight
+from deltaw.nf4_linear import NF4Linear
 from deltaw.targets import Selection, select_modules
 
 _REGISTRY_ATTR = "_deltaw_registry"
@@ -89,11 +91,11 @@ class LoRAReport:
 
 
 def wrap_linear(model: nn.Module, module_name: str) -> LoRALinear:
-    """Replace the nn.Linear at `module_name` by a LoRALinear holding the same weight and bias."""
+    """Replace the nn.Linear (or NF4Linear) at `module_name` by a LoRALinear holding the same weight and bias."""
     module = model.get_submodule(module_name)
     if isinstance(module, LoRALinear):
         return module
-    if not isinstance(module, nn.Linear):
+    if not isinstance(module, (nn.Linear, NF4Linear)):
         raise TypeError(f"{module_name!r} is a {type(module).__name__}, not nn.Linear")
     parent_name, _, child = module_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -103,9 +105,10 @@ def wrap_linear(model: nn.Module, module_name: str) -> LoRALinear:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, each shared tensor counted once."""
+    """(trainable, total) parameter counts, each shared tensor counted once; NF4 weights count as parameters."""
     params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    quantized = sum(module.numel() for module in model.modules() if isinstance(module, NF4Weight))
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized
 
 
 def add_lora(

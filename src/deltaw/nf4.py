@@ -18,10 +18,10 @@ double quantization, and bitsandbytes' dequantization reproduces deltaw's values
 
 from __future__ import annotations
 
+import functools
 import json
-from dataclasses import dataclass
-
 import torch
+from torch import nn
 
 # The 16 NF4 values (quantiles of N(0, 1) normalized to [-1, 1], with an exact zero), as fp32.
 NF4_CODE = torch.tensor([
@@ -60,6 +60,12 @@ def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
+@functools.lru_cache(maxsize=None)
+def shared_dynamic_map(device: torch.device) -> torch.Tensor:
+    """One dynamic map per device, shared by every double-quantized weight (it is never modified)."""
+    return dynamic_map().to(device)
+
+
 def _blockwise(values: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale each block of the flattened fp32 `values` into [-1, 1] and take the nearest code (ties to the
     lower one). Returns (code indices [n] int64, absmax [blocks] fp32)."""
@@ -78,60 +84,109 @@ def _blockwise(values: torch.Tensor, code: torch.Tensor, blocksize: int) -> tupl
     return torch.bucketize(scaled, midpoints), absmax
 
 
-def _scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """values [n] fp32 times the absmax of their block."""
+def _scale_blocks_(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """Multiply `values` [n] fp32 in place by the absmax of their block; returns `values`."""
     count = values.numel()
     tail = count % blocksize
     full = count - tail
-    out = torch.empty(count, dtype=torch.float32, device=values.device)
-    out[:full] = (values[:full].view(-1, blocksize) * absmax[: full // blocksize].view(-1, 1)).reshape(full)
+    values[:full].view(-1, blocksize).mul_(absmax[: full // blocksize].view(-1, 1))
     if tail:
-        out[full:] = values[full:] * absmax[-1]
-    return out
+        values[full:].mul_(absmax[-1])
+    return values
 
 
-@dataclass
-class NF4Weight:
-    """A weight stored as NF4.
+@functools.lru_cache(maxsize=None)
+def _code_pairs(device: torch.device) -> torch.Tensor:
+    """[256, 2] fp32: byte b -> (code[b >> 4], code[b & 15]), so one gather unpacks two values."""
+    return torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=1).to(device)
+
+
+class NF4Weight(nn.Module):
+    """A frozen weight stored as NF4: the 4-bit codes and their block scales, as buffers.
+
+    A module (not a tensor) so that `model.to(device)` moves it with the model. `model.to(dtype)`,
+    `.half()` and the like change only `dtype`, the compute dtype that `dequantize()` returns by
+    default: the quantization state itself stays uint8/fp32, so a cast never degrades it.
 
     Attributes:
         packed: [ceil(n/2)] uint8, two codes per byte, the first in the high nibble.
-        shape: the original shape; dtype: the original dtype (the default for dequantize).
+        shape: the original shape [out, in]; dtype: the compute dtype (initially the original dtype).
         blocksize: values per absmax (64).
         absmax: [blocks] fp32, or, with double quantization, [blocks] uint8 indices into `nested_code`.
         nested_absmax: [ceil(blocks/256)] fp32; nested_code: [256] fp32; offset: the mean removed (None
             without double quantization).
     """
 
-    packed: torch.Tensor
-    shape: torch.Size
-    dtype: torch.dtype
-    blocksize: int
-    absmax: torch.Tensor
-    nested_absmax: torch.Tensor | None = None
-    nested_code: torch.Tensor | None = None
-    offset: float | None = None
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        shape: torch.Size,
+        dtype: torch.dtype,
+        blocksize: int,
+        absmax: torch.Tensor,
+        nested_absmax: torch.Tensor | None = None,
+        nested_code: torch.Tensor | None = None,
+        offset: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.shape, self.dtype, self.blocksize, self.offset = torch.Size(shape), dtype, blocksize, offset
+        self.register_buffer("packed", packed)
+        self.register_buffer("absmax", absmax)
+        self.register_buffer("nested_absmax", nested_absmax)
+        self.register_buffer("nested_code", nested_code)
 
     @property
     def double_quant(self) -> bool:
         return self.nested_absmax is not None
 
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def _apply(self, fn, recurse: bool = True) -> NF4Weight:
+        """Follow device moves; take a float cast as the new compute dtype without touching the state."""
+        probe = fn(torch.empty(0, dtype=self.dtype, device=self.device))
+        if probe.is_floating_point():
+            self.dtype = probe.dtype
+        for name, buffer in self._buffers.items():
+            if buffer is not None:
+                self._buffers[name] = buffer.to(probe.device)
+        return self
+
     def block_absmax(self) -> torch.Tensor:
         """[blocks] fp32 absmax, dequantized from 8 bits with double quantization."""
         if not self.double_quant:
             return self.absmax
-        values = self.nested_code.to(self.absmax.device)[self.absmax.long()]
-        return _scale_blocks(values, self.nested_absmax, NESTED_BLOCKSIZE) + torch.tensor(
-            self.offset, dtype=torch.float32, device=self.absmax.device)
+        values = torch.index_select(self.nested_code, 0, self.absmax.int())
+        return _scale_blocks_(values, self.nested_absmax, NESTED_BLOCKSIZE).add_(self.offset)
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The weight in `dtype` (default: the original dtype): code[q] · absmax, computed in fp32."""
-        count = self.shape.numel()
-        codes = torch.empty(self.packed.numel() * 2, dtype=torch.long, device=self.packed.device)
-        codes[::2] = (self.packed >> 4).long()
-        codes[1::2] = (self.packed & 0xF).long()
-        values = NF4_CODE.to(self.packed.device)[codes[:count]]
-        return _scale_blocks(values, self.block_absmax(), self.blocksize).reshape(self.shape).to(dtype or self.dtype)
+    def dequantize(
+        self,
+        dtype: torch.dtype | None = None,
+        out: torch.Tensor | None = None,
+        scratch: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The weight [shape] in `dtype` (default: the compute dtype): code[q] · absmax, computed in fp32.
+
+        One gather of a [256, 2] table unpacks both nibbles of each byte; the scaling is in place.
+        `out` (numel values, any float dtype) receives the result; `scratch` = (int32 [bytes], fp32
+        [2·bytes]) holds the intermediates. With both given, nothing is allocated (see nf4_linear).
+        """
+        table = _code_pairs(self.device)
+        if scratch is None:
+            pairs = torch.index_select(table, 0, self.packed.int())
+        else:
+            indices, pairs = scratch[0].copy_(self.packed), scratch[1].view(-1, 2)
+            torch.index_select(table, 0, indices, out=pairs)
+        values = _scale_blocks_(pairs.view(-1)[: self.shape.numel()], self.block_absmax(), self.blocksize)
+        if out is None:
+            return values.view(self.shape).to(dtype or self.dtype)
+        if out.data_ptr() != values.data_ptr():
+            out.view(-1).copy_(values)
+        return out.view(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -142,6 +197,10 @@ class NF4Weight:
         """Storage per weight; the 256-entry nested code table is shared by all layers unless included."""
         nbytes = self.nbytes - (0 if include_code_tables or not self.double_quant else self.nested_code.numel() * 4)
         return 8 * nbytes / self.shape.numel()
+
+    def extra_repr(self) -> str:
+        return (f"shape={list(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, "
+                f"double_quant={self.double_quant}, bits_per_parameter={self.bits_per_parameter():.3f}")
 
 
 def quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
@@ -155,14 +214,13 @@ def quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = Tru
         codes = torch.cat([codes, codes.new_full((1,), 7)])  # pad with the code of 0.0
     codes = codes.to(torch.uint8)
     packed = (codes[::2] << 4) | codes[1::2]
-    result = NF4Weight(packed, weight.shape, weight.dtype, blocksize, absmax)
-    if double_quant:
-        offset = absmax.mean()
-        nested_code = dynamic_map().to(weight.device)
-        indices, nested_absmax = _blockwise(absmax - offset, nested_code, NESTED_BLOCKSIZE)
-        result.absmax = indices.to(torch.uint8)
-        result.nested_absmax, result.nested_code, result.offset = nested_absmax, nested_code, float(offset)
-    return result
+    if not double_quant:
+        return NF4Weight(packed, weight.shape, weight.dtype, blocksize, absmax)
+    offset = absmax.mean()
+    nested_code = shared_dynamic_map(weight.device)
+    indices, nested_absmax = _blockwise(absmax - offset, nested_code, NESTED_BLOCKSIZE)
+    return NF4Weight(packed, weight.shape, weight.dtype, blocksize, indices.to(torch.uint8), nested_absmax,
+                     nested_code, float(offset))
 
 
 # --------------------------------------------------------------------------------------------- bitsandbytes layout
@@ -198,6 +256,12 @@ def from_bnb(state: dict[str, torch.Tensor], prefix: str = "weight") -> NF4Weigh
         blocksize=int(info["blocksize"]),
         absmax=state[f"{prefix}.absmax"],
         nested_absmax=state[f"{prefix}.nested_absmax"].float() if nested else None,
-        nested_code=state[f"{prefix}.nested_quant_map"].float() if nested else None,
+        nested_code=_shared_if_standard(state[f"{prefix}.nested_quant_map"].float()) if nested else None,
         offset=float(info["nested_offset"]) if nested else None,
     )
+
+
+def _shared_if_standard(code: torch.Tensor) -> torch.Tensor:
+    """The shared dynamic map when `code` equals it (so loaded layers hold one table, not one each)."""
+    shared = shared_dynamic_map(code.device)
+    return shared if torch.equal(code, shared) else code

@@ -31,3 +31,17 @@ def tune_malloc_for_reuse() -> bool:
         return False
     _tuned = bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))
     return _tuned
+
+
+def release_free_memory() -> bool:
+    """Hand memory the process has freed back to the system (glibc's malloc_trim).
+
+    Called after a one-off phase that frees a lot, such as quantizing the base (the float weights and
+    the quantizer's temporaries go), so that a kept-for-reuse heap does not carry them into training.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from deltaw.lora import LoRALinear
+from deltaw.nf4_linear import NF4Linear
 
 ALL_LINEAR = "all-linear"
 
@@ -52,11 +53,11 @@ def normalize_patterns(patterns: str | Sequence[str]) -> list[str]:
 
 
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every nn.Linear or LoRALinear in `model` by dotted name, in model order."""
+    """Every nn.Linear, NF4Linear or LoRALinear in `model` by dotted name, in model order."""
     return {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, (nn.Linear, LoRALinear))
+        if isinstance(module, (nn.Linear, NF4Linear, LoRALinear))
     }
 
 

@@ -29,12 +29,14 @@ from deltaw.losses import lm_loss_sum
 from deltaw.manage import add_lora
 from deltaw.metrics import MetricsLog, plot_losses
 from deltaw.models import BUNDLED_NAME, load_model
+from deltaw.nf4_linear import quantized_layers
+from deltaw.quantized import quantize_model
 from deltaw.runtime import tune_malloc_for_reuse
 
 ADAPTER = "default"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 SCHEDULES = ("cosine", "linear", "constant")
-METHODS = ("lora",)
+METHODS = ("lora", "qlora")
 # Fields a resumed run must share with the run it continues.
 RESUME_FIELDS = ("model", "method", "rank", "alpha", "targets", "exclude", "use_rslora", "batch_size", "grad_accum", "lr",
                  "warmup", "schedule", "seq_len", "dtype", "seed", "packing", "weight_decay", "steps", "epochs")
@@ -52,7 +54,7 @@ class TrainConfig:
         data: training JSONL file (see deltaw.data for the shapes).
         out: output directory: the final adapter, checkpoints/, metrics.jsonl, loss.png.
         model: base model (name, HF directory or .gguf).
-        method: what to train: "lora".
+        method: what to train: "lora", or "qlora" (LoRA on a base whose target layers are stored as NF4).
         rank, alpha, dropout, targets, exclude, use_rslora, init: the LoRA adapter (see LoRAConfig).
         steps: optimizer steps; or epochs: passes over the training data (one of the two).
         batch_size: examples per micro-batch; grad_accum: micro-batches per optimizer step.
@@ -250,12 +252,20 @@ def train(config: TrainConfig) -> TrainResult:
 
 def attach_adapter(model, config: TrainConfig) -> object:
     """Add the trainable adapter `config.method` names to `model`; returns a printable report."""
+    if config.method == "qlora" and not quantized_layers(model):
+        print(quantize_model(model, config.lora().targets, config.lora().exclude))
     return add_lora(model, config.lora(), name=ADAPTER, dtype=torch.float32)
 
 
 def save_trained_adapter(model, out: Path, training: dict) -> None:
-    """Write the trained adapter to `out` in PEFT's layout, with its training record."""
-    save_adapter(model, out, ADAPTER, metadata={"training": training})
+    """Write the trained adapter to `out` in PEFT's layout, with its training record (and, for QLoRA, the
+    base quantization it was trained on, so `deltaw merge` can rebuild that base)."""
+    quantized = quantized_layers(model)
+    extra = {"base_quantization": {"format": "nf4", "blocksize": next(iter(quantized.values())).blocksize,
+                                   "double_quant": next(iter(quantized.values())).double_quant,
+                                   "targets": training["targets"], "exclude": training["exclude"],
+                                   "dtype": training["dtype"]}} if quantized else {}
+    save_adapter(model, out, ADAPTER, metadata={"training": training, **extra})
 
 
 def _optimizer_step(model, micro, params, optimizer, scheduler, autocast, config, state, out) -> tuple[float, int]:

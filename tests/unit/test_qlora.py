@@ -1,0 +1,181 @@
+"""QLoRA on tiny models: the NF4 linear op, the 4-bit base inside LoRA layers, no float copy, merge into NF4."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import deltaw
+from deltaw.lora import LoRALinear
+from deltaw.manage import lora_layers
+from deltaw.nf4 import NF4Weight, quantize
+from deltaw.nf4_linear import NF4Linear, linear_nf4, quantized_layers
+from deltaw.quantized import load_quantized, nf4_bytes, quantize_model, save_quantized
+from tests.conftest import make_tiny_llama, randomize_lora_b
+
+
+def nf4_state(model) -> dict[str, torch.Tensor]:
+    return {f"{name}.{key}": tensor.clone() for name, weight in quantized_layers(model).items()
+            for key, tensor in weight.named_buffers()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_nf4_forward_and_input_gradient_equal_the_dequantized_linear(dtype):
+    weight = quantize(torch.randn(48, 80) * 0.05)  # 3,840 values: 60 blocks
+    bias = torch.randn(48, dtype=dtype)
+    x = torch.randn(3, 5, 80, dtype=dtype, requires_grad=True)
+    reference_x = x.detach().clone().requires_grad_(True)
+    dense = weight.dequantize(dtype)
+    y = linear_nf4(x, weight, bias)
+    expected = F.linear(reference_x, dense, bias)
+    assert y.dtype == dtype and torch.equal(y, expected)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    expected.backward(grad)
+    assert torch.allclose(x.grad, reference_x.grad, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+
+
+def test_dequantize_with_workspace_equals_plain_dequantize():
+    weight = quantize(torch.randn(33, 65))  # odd number of values, a last partial block
+    count = weight.packed.numel()
+    scratch = (torch.empty(count, dtype=torch.int32), torch.empty(2 * count))
+    for dtype in (torch.float32, torch.bfloat16):
+        out = torch.empty(weight.numel(), dtype=dtype)
+        assert torch.equal(weight.dequantize(dtype, out=out, scratch=scratch), weight.dequantize(dtype))
+
+
+def test_quantize_model_frees_the_float_weights_and_holds_4_127_bits(tiny, tokens):
+    float_bytes = sum(m.weight.nbytes for _, m in tiny.named_modules() if isinstance(m, torch.nn.Linear)
+                      and m is not tiny.lm_head)
+    report = quantize_model(tiny)
+    assert report.layers == 14 and report.float_bytes == float_bytes
+    for name, module in tiny.named_modules():
+        assert not (isinstance(module, torch.nn.Linear) and module is not tiny.lm_head), name
+    # Everything the quantized layers hold: 4 bits a weight, one absmax byte per 64, fp32 second level.
+    assert report.nf4_bytes == nf4_bytes(tiny) < 0.3 * float_bytes / 2  # below 30% of the bf16 bytes
+    held = sum(t.numel() * t.element_size() for t in tiny.state_dict().values())
+    assert held < sum(p.numel() * 4 for p in make_tiny_llama().parameters()) - 0.8 * float_bytes
+    assert tiny(tokens).logits.isfinite().all()
+
+
+def test_qlora_forward_and_backward_never_hold_a_dequantized_weight(tiny, tokens):
+    """Measured: every tensor autograd saves for backward, by shape; none is a weight-sized float copy."""
+    quantize_model(tiny)
+    deltaw.add_lora(tiny, deltaw.LoRAConfig(rank=4))
+    randomize_lora_b(tiny, "default")
+    weight_shapes = {tuple(w.shape) for w in quantized_layers(tiny).values()}
+    saved: list[torch.Size] = []
+
+    def pack(tensor):
+        saved.append(tensor.shape)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = tiny(tokens).logits.square().mean()
+    assert saved and not [s for s in saved if tuple(s) in weight_shapes]
+    loss.backward()
+    trainable = [p for p in tiny.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+
+
+def test_qlora_training_changes_only_the_adapter(tiny, tokens):
+    quantize_model(tiny)
+    before = nf4_state(tiny)
+    others = {k: v.clone() for k, v in tiny.named_parameters()}
+    deltaw.add_lora(tiny, deltaw.LoRAConfig(rank=4))
+    fresh = tiny(tokens).logits
+    with deltaw.disable_adapters(tiny):
+        assert torch.equal(tiny(tokens).logits, fresh)  # B = 0: the adapter starts as a no-op
+    optimizer = torch.optim.AdamW([p for p in tiny.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = F.cross_entropy(tiny(tokens).logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    after = nf4_state(tiny)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    current = dict(tiny.named_parameters())
+    assert all(torch.equal(others[k], current[k]) for k in others if k in current)
+
+
+def test_cast_and_move_keep_the_quantized_state(tiny, tokens):
+    quantize_model(tiny)
+    before = nf4_state(tiny)
+    tiny.to(torch.bfloat16)
+    weight = next(iter(quantized_layers(tiny).values()))
+    assert weight.dtype == torch.bfloat16 and weight.packed.dtype == torch.uint8
+    after = nf4_state(tiny)
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
+    assert tiny(tokens).logits.dtype == torch.bfloat16
+
+
+def test_merge_into_nf4_reports_its_error_and_unmerges_exactly(tiny, tokens):
+    quantize_model(tiny)
+    deltaw.add_lora(tiny, deltaw.LoRAConfig(rank=4))
+    randomize_lora_b(tiny, "default", std=0.02)
+    unmerged = tiny(tokens).logits
+    base = quantized_base(tiny, tokens)
+    before = nf4_state(tiny)
+    deltaw.merge_adapter(tiny, "default")
+    errors = [layer.merge_error for _, layer in lora_layers(tiny)]
+    assert all(0 < e < 1 for e in errors)  # re-quantization is lossy, but far smaller than the update
+    merged = tiny(tokens).logits
+    assert 0 < (merged - unmerged).abs().max() < 0.5 * (unmerged - base).abs().max()
+    deltaw.unmerge_adapter(tiny)
+    assert all(layer.merge_error is None for _, layer in lora_layers(tiny))
+    after = nf4_state(tiny)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(tiny(tokens).logits, unmerged)
+
+
+def quantized_base(model, tokens) -> torch.Tensor:
+    with deltaw.disable_adapters(model):
+        return model(tokens).logits
+
+
+def test_saved_quantized_model_loads_back_with_the_same_outputs(tmp_path, tiny_model_dir, tokenizer):
+    model, _ = deltaw.load_model(tiny_model_dir)
+    quantize_model(model)
+    tokens = torch.randint(0, 100, (2, 9))
+    expected = model(tokens).logits
+    save_quantized(model, tokenizer, tmp_path / "q")
+    loaded, _ = deltaw.load_model(tmp_path / "q")
+    assert isinstance(loaded.model.layers[0].mlp.down_proj, NF4Linear)
+    assert torch.equal(loaded(tokens).logits, expected)
+    assert nf4_state(loaded).keys() == nf4_state(model).keys()
+    assert all(torch.equal(a, b) for a, b in zip(nf4_state(loaded).values(), nf4_state(model).values()))
+    with pytest.raises(FileExistsError, match="not empty"):
+        save_quantized(model, tokenizer, tmp_path / "q")
+    with pytest.raises(ValueError, match="no NF4 layers"):
+        save_quantized(make_tiny_llama(), tokenizer, tmp_path / "plain")
+    assert load_quantized(tmp_path / "q", torch.bfloat16).model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+
+
+def test_adapter_trained_on_nf4_loads_from_peft_files_onto_a_quantized_model(tmp_path, tiny, tokens):
+    quantize_model(tiny)
+    deltaw.add_lora(tiny, deltaw.LoRAConfig(rank=4))
+    randomize_lora_b(tiny, "default")
+    expected = tiny(tokens).logits
+    deltaw.save_adapter(tiny, tmp_path / "adapter", "default")
+    fresh = make_tiny_llama()
+    quantize_model(fresh)
+    deltaw.load_adapter(fresh, tmp_path / "adapter", "qlora")
+    deltaw.set_adapter(fresh, "qlora")
+    assert all(isinstance(layer.weight, NF4Weight) for _, layer in lora_layers(fresh))
+    assert torch.equal(fresh(tokens).logits, expected)
+
+
+def test_quantizing_twice_is_refused_with_a_clear_error(tiny):
+    quantize_model(tiny)
+    with pytest.raises(Exception, match="nn.Linear"):
+        quantize_model(tiny, targets=[r".*q_proj"])
+
+
+def test_lora_layer_keeps_the_nf4_weight_object(tiny):
+    quantize_model(tiny)
+    weight = tiny.model.layers[0].self_attn.q_proj.weight
+    deltaw.add_lora(tiny, deltaw.LoRAConfig(rank=2))
+    layer = tiny.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, LoRALinear) and layer.quantized and layer.weight is weight
