@@ -1,9 +1,10 @@
 """The persona demo (`make demo`): three personas trained as LoRA adapters, served from one loaded base.
 
-    .venv/bin/python examples/persona_demo.py [--out demo-out] [--retrain]
+    .venv/bin/python examples/persona_demo.py [--out demo-out] [--retrain] [--method lora|qlora]
 
 1. Trains one adapter per persona on examples/personas/<persona>.jsonl (reused on later runs while
-   the data and settings are unchanged).
+   the data and settings are unchanged). With --method qlora the base is NF4 (4-bit) for training and
+   for answering, and the adapters go to OUT/adapters-qlora/.
 2. Loads the base model once with the three adapters and answers the held-out questions (none of
    which is in any training file) with the base model and with each persona, switching adapters in place.
 3. Prints answers side by side and the adherence table: the fraction of each model's answers that
@@ -21,29 +22,33 @@ import textwrap
 import time
 from pathlib import Path
 
+import torch
+
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE / "personas"))
 
 import deltaw  # noqa: E402
 from deltaw.data import file_sha256  # noqa: E402
 from deltaw.generation import answer_questions  # noqa: E402
+from deltaw.quantized import quantize_model  # noqa: E402
 from deltaw.train import TrainConfig, train  # noqa: E402
 from personas import PERSONAS  # noqa: E402
 
 SETTINGS = dict(epochs=2.0, batch_size=8, lr=1e-3, warmup=5, seq_len=256, rank=16, alpha=32.0, dtype="bf16", seed=0)
 
 
-def train_persona(name: str, out: Path, retrain: bool) -> None:
+def train_persona(name: str, out: Path, retrain: bool, method: str = "lora") -> None:
     data = HERE / "personas" / f"{name}.jsonl"
     config_file = out / "adapter_config.json"
+    settings = {**SETTINGS, "method": method}
     if config_file.is_file() and not retrain:
         record = json.loads(config_file.read_text()).get("deltaw", {}).get("training", {})
-        if record.get("data_sha256") == file_sha256(data) and all(record.get(k) == v for k, v in SETTINGS.items()):
+        if record.get("data_sha256") == file_sha256(data) and all(record.get(k) == v for k, v in settings.items()):
             print(f"[{name}] reusing {out} (same data and settings; --retrain to train again)")
             return
     shutil.rmtree(out, ignore_errors=True)
-    print(f"[{name}] training on {data.name} ...")
-    result = train(TrainConfig(data=str(data), out=str(out), progress=False, **SETTINGS))
+    print(f"[{name}] training ({method}) on {data.name} ...")
+    result = train(TrainConfig(data=str(data), out=str(out), progress=False, **settings))
     print(f"[{name}] {result.steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.3f}")
 
 
@@ -52,30 +57,38 @@ def main() -> None:
     parser.add_argument("--out", default="demo-out")
     parser.add_argument("--retrain", action="store_true")
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--method", choices=("lora", "qlora"), default="lora")
     args = parser.parse_args()
     out = Path(args.out)
+    adapters = out / ("adapters" if args.method == "lora" else f"adapters-{args.method}")
     start = time.perf_counter()
     for persona in PERSONAS:
-        train_persona(persona.name, out / "adapters" / persona.name, args.retrain)
+        train_persona(persona.name, adapters / persona.name, args.retrain, args.method)
     trained = time.perf_counter()
 
-    model, tokenizer = deltaw.load_model(deltaw.BUNDLED_NAME)
+    if args.method == "qlora":  # the base as training built it (quantized from bf16), computing in fp32
+        model, tokenizer = deltaw.load_model(deltaw.BUNDLED_NAME, dtype=torch.bfloat16)
+        print(quantize_model(model))
+        model.float()
+    else:
+        model, tokenizer = deltaw.load_model(deltaw.BUNDLED_NAME)
     for persona in PERSONAS:
-        deltaw.load_adapter(model, out / "adapters" / persona.name, persona.name)
+        deltaw.load_adapter(model, adapters / persona.name, persona.name)
     questions = [json.loads(line)["question"] for line in open(HERE / "personas" / "heldout.jsonl")]
     answers = {"base": answer_questions(model, tokenizer, questions, None, args.max_new_tokens)}
     for persona in PERSONAS:
         answers[persona.name] = answer_questions(model, tokenizer, questions, persona.name, args.max_new_tokens)
     answered = time.perf_counter()
 
-    with open(out / "answers.jsonl", "w") as handle:
+    answers_file = out / ("answers.jsonl" if args.method == "lora" else f"answers-{args.method}.jsonl")
+    with open(answers_file, "w") as handle:
         for index, question in enumerate(questions):
             handle.write(json.dumps({"question": question, **{k: v[index] for k, v in answers.items()}}) + "\n")
     print_side_by_side(questions, answers, rows=6)
     table = adherence(answers)
     print_adherence(table, len(questions))
     print(f"\ntraining {trained - start:.0f} s, answering {len(questions)} questions x 4 models "
-          f"{answered - trained:.0f} s, on one loaded base; all answers in {out / 'answers.jsonl'}")
+          f"{answered - trained:.0f} s, on one loaded base; all answers in {answers_file}")
     failures = check_targets(table)
     if failures:
         raise SystemExit("targets missed: " + "; ".join(failures))

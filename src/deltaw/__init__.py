@@ -18,7 +18,9 @@ from deltaw.manage import (
     unmerge_adapter,
 )
 from deltaw.models import BUNDLED_NAME, ModelLoadError, load_model
+from deltaw.nf4_linear import NF4Linear, linear_nf4
 from deltaw.plan import model_plan, shape_plan
+from deltaw.quantized import dequantize_model, merge_into_nf4, quantize_model, save_quantized
 from deltaw.svdtools import combine_adapters, extract_adapter, resize_adapter
 from deltaw.targets import TargetError
 
@@ -31,25 +33,31 @@ __all__ = [
     "LoRALinear",
     "LoRAReport",
     "ModelLoadError",
+    "NF4Linear",
     "TargetError",
     "active_adapter",
     "add_lora",
     "combine_adapters",
     "deactivate_adapters",
     "delete_adapter",
+    "dequantize_model",
     "describe_adapter",
     "disable_adapters",
     "export_merged",
     "extract_adapter",
+    "linear_nf4",
     "list_adapters",
     "load_adapter",
     "load_model",
     "merge_adapter",
+    "merge_into_nf4",
     "merged_adapter",
     "model_plan",
+    "quantize_model",
     "read_adapter",
     "resize_adapter",
     "save_adapter",
+    "save_quantized",
     "set_adapter",
     "shape_plan",
     "unload",
