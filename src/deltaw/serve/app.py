@@ -123,12 +123,12 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     if first["type"] == "json_invalid":
         reason = first.get("ctx", {}).get("error", "malformed JSON")
         message, param = f"the request body is not valid JSON: {reason}", None
-    elif param is None:
+    elif first["type"] == "model_attributes_type":
         message = "the request body must be a JSON object, sent with 'Content-Type: application/json'"
     elif first["type"] == "missing":
         message = f"missing required field '{param}'"
     else:
-        message = f"{param}: {first['msg']}".replace("Value error, ", "")
+        message = f"{param or 'body'}: {first['msg']}".replace("Value error, ", "")
     more = len(exc.errors()) - 1
     message += f" (and {more} more problem{'s' * (more > 1)})" if more else ""
     return await _api_error(request, APIError(400, message, param, first["type"]))
