@@ -83,6 +83,16 @@ def test_stacked_path_equals_the_per_row_reference(adapters):
         assert (fast[row] - base[row]).abs().max() > 1e-2  # every adapter (and mix) changes the output
 
 
+def test_scattered_slots_are_gathered_and_still_equal_the_reference(adapters):
+    bank = make_bank({**adapters, "mlp2": adapters["mlp"], "attn2": adapters["attn"], "full2": adapters["full"]})
+    assert bank._known["full2"].slot == 5
+    choices = ["attn", "full2", None, {"attn": 2.0, "full2": 0.5}]  # slots 0 and 5: a block would be mostly unused
+    tokens = torch.randint(0, 128, (len(choices), 5), generator=torch.Generator().manual_seed(5))
+    fast = routed_logits(bank, tokens, choices)
+    reference = routed_logits(bank, tokens, choices, reference=True)
+    assert (fast - reference).abs().max() <= 1e-5
+
+
 def test_single_adapter_rows_equal_the_foundation_lora_layers(adapters):
     bank = make_bank(adapters)
     tokens = torch.randint(0, 128, (3, 7), generator=torch.Generator().manual_seed(1))

@@ -170,7 +170,7 @@ class AdapterBank:
 
     def memory_bytes(self) -> dict[str, int]:
         """{"base": model parameters and buffers, "adapters": the slot buffers, "resident": adapters in slots}."""
-        adapter_tensors = {id(t) for layer in self.layers.values() for t in (layer.lora_a, layer.lora_b, layer.scaling)
+        adapter_tensors = {id(t) for layer in self.layers.values() for t in (layer.lora_a, layer.lora_bt, layer.scaling)
                            if t is not None}
         tensors = {id(t): t for t in [*self.model.parameters(), *self.model.buffers()]}
         size = {key: t.numel() * t.element_size() for key, t in tensors.items()}

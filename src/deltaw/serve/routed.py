@@ -3,21 +3,27 @@
 Every adapter the bank holds lives in one slot of three stacked, zero-padded buffers per layer:
 
     lora_a   [slots, r_max, in]     A of the adapter in each slot, rows past its rank are zero
-    lora_b   [slots, out, r_max]    B, columns past its rank are zero
+    lora_bt  [slots, r_max, out]    Bᵀ (B is [out, r]), rows past its rank are zero
     scaling  [slots]                alpha/r (or alpha/√r), 0 where the slot's adapter skips this layer
 
-A batch's `Routing` (shared by every layer, set once per batch composition) names the distinct slots
-the batch uses, u of them, and a weight per row and slot ([rows, u]: 1 for a row's adapter, w_i for a
-weighted mix, 0 elsewhere; an all-zero row is the base model). Each layer gathers those slots once per
-composition into one stack and computes every row's delta with two matmuls:
+(B is stored transposed so that the slots a batch uses, side by side, are one contiguous block of
+both buffers: the stack below is then a view, not a copy.)
 
-    x [rows, seq, in] ──► W·x + b ───────────────────────────────────────────┐
-        │                                                                   (+)──► y [rows, seq, out]
-        └─► A_stack [u·r_max, in] ─► ax [rows, seq, u·r_max] ─► · coef ─► B_stack [out, u·r_max]
-                                                   coef[row, j·r_max + k] = weight[row, j] · scaling[slot_j]
+A batch's `Routing` (shared by every layer, set once per batch composition) names the distinct slots
+the batch uses and a weight per row and slot (1 for a row's adapter, w_i for each adapter of a
+weighted mix, 0 elsewhere; an all-zero row is the base model). Each layer takes the block of slots
+lo..hi that covers them (a view; a gathered copy when the block would be mostly unused slots) and
+computes every row's delta with two matmuls, whatever the mix of adapters:
+
+    x [rows, seq, in] ──► W·x + b ─────────────────────────────────────────────────────┐
+        │                                                                             (+)──► y [rows, seq, out]
+        └─► A_stack [n·r_max, in] ─► ax [rows, seq, n·r_max] ─► · coef ─► Bt_stack [n·r_max, out]
+                                           coef[row, j·r_max + k] = weight[row, slot_j] · scaling[slot_j]
 
 so a row gets Σ_j weight[row, j] · scaling_j · B_j (A_j x): its adapter, the exact weighted sum of a
-mix's adapters, or nothing. Padding ranks and zero weights add exact zeros. The layer keeps `weight`
+mix's adapters, or nothing. Padding ranks and zero weights add exact zeros. This reads each adapter
+in the batch once per step (memory traffic, which bounds decoding, is what one adapter costs times
+the number of distinct adapters), at the price of rows × n·r_max multiply-adds instead of rows × r. The layer keeps `weight`
 and `bias` under nn.Linear's names (it *is* an nn.Linear), so everything that finds a model's linear
 layers (adapter validation, fingerprints) sees the same model. `reference_forward` computes the same
 thing with a Python loop per row and per adapter and the plain LoRA math y = W·x + b + s·B(A·x); tests
@@ -84,7 +90,7 @@ class RoutedLinear(nn.Linear):
         weight: [out, in], the base weight (the original layer's Parameter, not a copy).
         bias: [out] or None.
         lora_a: [slots, r_max, in] or None before any adapter targets this layer.
-        lora_b: [slots, out, r_max] or None.
+        lora_bt: [slots, r_max, out] (B transposed) or None.
         scaling: [slots] float32.
         ranks: the rank stored in each slot (0: the slot's adapter does not target this layer).
     """
@@ -95,10 +101,10 @@ class RoutedLinear(nn.Linear):
         self.weight, self.bias = base.weight, base.bias
         self.routing = routing
         self.register_buffer("lora_a", None, persistent=False)
-        self.register_buffer("lora_b", None, persistent=False)
+        self.register_buffer("lora_bt", None, persistent=False)
         self.register_buffer("scaling", None, persistent=False)
         self.ranks: list[int] = []
-        self._stack: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._stack: tuple[int, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None = None
 
     # ----------------------------------------------------------------------------- slots
     def reserve(self, slots: int, rank: int) -> None:
@@ -110,13 +116,13 @@ class RoutedLinear(nn.Linear):
         slots, rank = max(slots, old_slots), max(rank, old_rank)
         like = {"dtype": self.weight.dtype, "device": self.weight.device}
         lora_a = torch.zeros(slots, rank, self.in_features, **like)
-        lora_b = torch.zeros(slots, self.out_features, rank, **like)
+        lora_bt = torch.zeros(slots, rank, self.out_features, **like)
         scaling = torch.zeros(slots, dtype=torch.float32, device=self.weight.device)
         if self.lora_a is not None:
             lora_a[:old_slots, :old_rank] = self.lora_a
-            lora_b[:old_slots, :, :old_rank] = self.lora_b
+            lora_bt[:old_slots, :old_rank] = self.lora_bt
             scaling[:old_slots] = self.scaling
-        self.lora_a, self.lora_b, self.scaling = lora_a, lora_b, scaling
+        self.lora_a, self.lora_bt, self.scaling = lora_a, lora_bt, scaling
         self.ranks += [0] * (slots - len(self.ranks))
 
     @torch.no_grad()
@@ -125,9 +131,9 @@ class RoutedLinear(nn.Linear):
         rank = lora_a.shape[0]
         self.reserve(slot + 1, rank)
         self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
+        self.lora_bt[slot].zero_()
         self.lora_a[slot, :rank] = lora_a
-        self.lora_b[slot, :, :rank] = lora_b
+        self.lora_bt[slot, :rank] = lora_b.t()
         self.scaling[slot] = scaling
         self.ranks[slot] = rank
 
@@ -136,7 +142,7 @@ class RoutedLinear(nn.Linear):
         """Zero `slot` (its adapter does not target this layer)."""
         if self.lora_a is not None and slot < self.lora_a.shape[0]:
             self.lora_a[slot].zero_()
-            self.lora_b[slot].zero_()
+            self.lora_bt[slot].zero_()
             self.scaling[slot] = 0.0
             self.ranks[slot] = 0
 
@@ -149,37 +155,40 @@ class RoutedLinear(nn.Linear):
             return y
         if routing.reference:
             return y + self.reference_delta(x)
-        stack = self._stacked()
-        if stack is None:
+        if self._stack is None or self._stack[0] != routing.version:
+            self._stack = (routing.version, *self._build_stack())
+        _, lora_a, lora_bt, coef = self._stack
+        if lora_a is None:
             return y
-        lora_a, lora_b, coef = stack
-        ax = F.linear(x, lora_a).mul_(coef)  # [rows, seq, u·r_max]
-        return y.add_(F.linear(ax, lora_b))
-
-    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(A_stack [u·r_max, in], B_stack [out, u·r_max], coef [rows, 1, u·r_max]) for the current
-        routing, built once per routing version; None when no routed adapter touches this layer."""
-        version = self.routing.version
-        if self._stack is None or self._stack[0] != version:
-            self._stack = (version, *self._build_stack())
-        _, lora_a, lora_b, coef = self._stack
-        return None if lora_a is None else (lora_a, lora_b, coef)
+        ax = F.linear(x, lora_a).mul_(coef)  # [rows, seq, n·r_max]
+        return y.add_(torch.matmul(ax, lora_bt))
 
     def _build_stack(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(A_stack [n·r_max, in], Bt_stack [n·r_max, out], coef [rows, 1, n·r_max]) for the current
+        routing: the block of slots lo..hi covering the batch's slots (a view), or those slots gathered
+        when the block would be more than half unused; (None, None, None) when no adapter of the batch
+        touches this layer."""
         routing = self.routing
-        slots = routing.slots.to(self.lora_a.device)
-        in_range = slots < self.lora_a.shape[0]
-        scaling = torch.zeros(len(slots), device=slots.device)
-        scaling[in_range] = self.scaling[slots[in_range]]
-        coef = routing.weights.to(scaling.device) * scaling  # [rows, u]
-        if not coef.any():
+        stored = self.lora_a.shape[0]
+        slots, weights = routing.slots, routing.weights
+        keep = slots < stored  # slots beyond this layer's buffers hold nothing here
+        slots, weights = slots[keep], weights[:, keep]
+        coef = weights * self.scaling.cpu()[slots]  # [rows, distinct]
+        used = coef.any(dim=0)
+        slots, coef = slots[used], coef[:, used]
+        if len(slots) == 0:
             return None, None, None
-        slots = slots.clamp(max=self.lora_a.shape[0] - 1)  # out-of-range slots have zero coef
-        rank = self.lora_a.shape[1]
-        lora_a = self.lora_a[slots].reshape(-1, self.in_features)  # [u·r_max, in]
-        lora_b = self.lora_b[slots].permute(1, 0, 2).reshape(self.out_features, -1)  # [out, u·r_max]
-        coef = coef.repeat_interleave(rank, dim=1).unsqueeze(1).to(self.weight.dtype)  # [rows, 1, u·r_max]
-        return lora_a, lora_b, coef
+        low, high = int(slots[0]), int(slots[-1]) + 1
+        if high - low <= 2 * len(slots):
+            block = torch.zeros(coef.shape[0], high - low)
+            block[:, slots - low] = coef
+            lora_a, lora_bt, coef = self.lora_a[low:high], self.lora_bt[low:high], block
+        else:
+            index = slots.to(self.lora_a.device)
+            lora_a, lora_bt = self.lora_a.index_select(0, index), self.lora_bt.index_select(0, index)
+        rank = lora_a.shape[1]
+        coef = coef.repeat_interleave(rank, dim=1).unsqueeze(1).to(self.weight.device, self.weight.dtype)
+        return lora_a.reshape(-1, self.in_features), lora_bt.reshape(-1, self.out_features), coef
 
     def reference_delta(self, x: torch.Tensor) -> torch.Tensor:
         """The same deltas by a loop per row and per adapter: Σ weight · scaling · B (A x). x: [rows, seq, in]."""
@@ -189,11 +198,12 @@ class RoutedLinear(nn.Linear):
                 rank = self.ranks[slot] if slot < len(self.ranks) else 0
                 if rank == 0:
                     continue
-                lora_a, lora_b = self.lora_a[slot, :rank], self.lora_b[slot, :, :rank]
+                lora_a, lora_b = self.lora_a[slot, :rank], self.lora_bt[slot, :rank].t()
                 scaling = float(self.scaling[slot]) * weight
                 delta[row] += scaling * F.linear(F.linear(x[row], lora_a), lora_b)
         return delta
 
     def extra_repr(self) -> str:
         shape = None if self.lora_a is None else list(self.lora_a.shape)
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, slots={shape}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"slots x r_max x in={shape}")
