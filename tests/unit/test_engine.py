@@ -94,6 +94,18 @@ def test_a_cancelled_request_leaves_the_batch_and_frees_its_slot(engine):
     assert stats["completion_tokens_total"] == handle.completion_tokens + 3
 
 
+def test_a_cancelled_waiting_request_ends_without_running(engine):
+    engine.max_batch_size = 1
+    running = engine.submit(PROMPTS[0], None, SamplingParams(max_tokens=100))
+    running.next_event(timeout=60)
+    waiting = engine.submit(PROMPTS[1], "attn", SamplingParams(max_tokens=5))
+    waiting.cancel()
+    assert [(e.token_id, e.finish_reason) for e in waiting] == [(None, "cancelled")]
+    assert not running.done  # it ended while the only batch row was still busy
+    running.cancel()
+    assert running.result().finish_reason == "cancelled"
+
+
 def test_concurrent_clients_from_threads_all_finish(engine):
     results = {}
 
