@@ -21,7 +21,7 @@ CHAT = {"model": "alpha", "messages": [{"role": "user", "content": "Say somethin
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    """(client, adapters_dir): alpha and beta served; gamma on disk only; 'escape' a symlink leading out."""
+    """(client, adapters_dir, engine): alpha and beta served; gamma on disk only; 'escape' a symlink leading out."""
     root = tmp_path_factory.mktemp("protocol")
     adapters_dir, outside = root / "adapters", root / "outside"
     model, tokenizer = deltaw.load_model(tiny_model_dir)
@@ -30,9 +30,9 @@ def server(tiny_model_dir, tmp_path_factory):
     write_random_adapters(model, outside, {"escape": config}, std=0.5)
     os.symlink(outside / "escape", adapters_dir / "escape")
     deltaw.unload(model)
-    with running_server(model, tokenizer, "tiny", adapters_dir, ["alpha", "beta"], max_model_len=64) as (url, _):
+    with running_server(model, tokenizer, "tiny", adapters_dir, ["alpha", "beta"], max_model_len=64) as (url, engine):
         with httpx.Client(base_url=url, headers=AUTH, timeout=60) as client:
-            yield client, adapters_dir
+            yield client, adapters_dir, engine
 
 
 def assert_openai_error(response: httpx.Response, status: int, param: str | None = None, fragment: str = "") -> dict:
@@ -79,7 +79,7 @@ BAD_CHAT = [
 
 @pytest.mark.parametrize(("body", "param", "fragment"), BAD_CHAT, ids=[f[2][:30] for f in BAD_CHAT])
 def test_bad_chat_requests_are_400_with_openai_errors(server, body, param, fragment):
-    client, _ = server
+    client, *_ = server
     status = 404 if "not served" in fragment else 400
     assert_openai_error(client.post("/v1/chat/completions", json=body), status, param, fragment)
     assert_still_serving(client)
@@ -96,21 +96,21 @@ BAD_COMPLETIONS = [
 
 @pytest.mark.parametrize(("body", "param", "fragment"), BAD_COMPLETIONS, ids=[f[2][:30] for f in BAD_COMPLETIONS])
 def test_bad_completion_requests_are_400(server, body, param, fragment):
-    client, _ = server
+    client, *_ = server
     assert_openai_error(client.post("/v1/completions", json=body), 400, param, fragment)
     assert_still_serving(client)
 
 
 @pytest.mark.parametrize("raw", [b'{"model": "alpha", "messages": [', b"not json at all", b"", b"[1, 2]", b'"text"'])
 def test_invalid_json_is_400(server, raw):
-    client, _ = server
+    client, *_ = server
     response = client.post("/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"})
     assert_openai_error(response, 400)
     assert_still_serving(client)
 
 
 def test_unknown_model_is_404_listing_every_served_name(server):
-    client, _ = server
+    client, *_ = server
     error = assert_openai_error(client.post("/v1/chat/completions", json={**CHAT, "model": "pirate"}), 404, "model")
     assert error["code"] == "model_not_found"
     for name in ("tiny", "alpha", "beta"):
@@ -121,7 +121,7 @@ def test_unknown_model_is_404_listing_every_served_name(server):
 
 
 def test_api_key_guards_every_v1_route_but_not_health_or_metrics(server):
-    client, _ = server
+    client, *_ = server
     with httpx.Client(base_url=str(client.base_url), timeout=60) as anonymous:
         for method, path, body in [("GET", "/v1/models", None), ("POST", "/v1/chat/completions", CHAT),
                                    ("POST", "/v1/completions", {"model": "alpha", "prompt": "x"}),
@@ -147,7 +147,7 @@ def sse_payloads(response: httpx.Response) -> list[str]:
 
 
 def test_chat_stream_framing_and_text_equal_the_non_streamed_answer(server):
-    client, _ = server
+    client, *_ = server
     body = {**CHAT, "max_tokens": 12}
     whole = client.post("/v1/chat/completions", json=body).json()
     payloads = sse_payloads(client.post("/v1/chat/completions",
@@ -165,7 +165,7 @@ def test_chat_stream_framing_and_text_equal_the_non_streamed_answer(server):
 
 
 def test_completion_stream_without_usage(server, tokenizer):
-    client, _ = server
+    client, *_ = server
     body = {"model": "beta", "prompt": "Once upon a time", "max_tokens": 6}
     whole = client.post("/v1/completions", json=body).json()
     payloads = sse_payloads(client.post("/v1/completions", json={**body, "stream": True}))
@@ -179,7 +179,7 @@ def test_completion_stream_without_usage(server, tokenizer):
 
 
 def test_admin_refuses_paths_outside_the_adapters_directory(server):
-    client, adapters_dir = server
+    client, adapters_dir, _ = server
     for name in ("../alpha", "/etc", str(adapters_dir / "gamma"), "gamma/../alpha", "a.b"):
         assert_openai_error(client.post("/v1/adapters", json={"name": name}), 400, "name", "invalid adapter name")
     assert_openai_error(client.post("/v1/adapters", json={"name": "escape"}), 400, "name", "outside the adapters")
@@ -191,7 +191,7 @@ def test_admin_refuses_paths_outside_the_adapters_directory(server):
 
 
 def test_admin_load_pin_unpin_delete(server):
-    client, _ = server
+    client, *_ = server
     assert_openai_error(client.post("/v1/chat/completions", json={**CHAT, "model": "gamma"}), 404, "model")
     card = client.post("/v1/adapters", json={"name": "gamma", "pin": True}).json()
     assert card["id"] == "gamma" and card["pinned"] and card["resident"] and card["parent"] == "tiny"
@@ -204,3 +204,23 @@ def test_admin_load_pin_unpin_delete(server):
     assert_openai_error(client.post("/v1/adapters/gamma/pin"), 404, "name")
     assert_openai_error(client.delete("/v1/adapters/tiny"), 400, "name", "base model")
     assert "gamma" not in [card["id"] for card in client.get("/v1/models").json()["data"]]
+
+
+def test_a_generation_that_fails_in_the_engine_is_a_500_for_it_alone(server, monkeypatch):
+    client, _, engine = server
+    forward = engine.model.forward
+    calls = []
+
+    def fail_once(*args, **kwargs):  # the first decode step (the second forward) fails
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated device failure")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", fail_once)
+    error = assert_openai_error(client.post("/v1/chat/completions", json=CHAT), 500, None, "simulated device failure")
+    assert error["type"] == "server_error"
+    calls.clear()
+    payloads = sse_payloads(client.post("/v1/chat/completions", json={**CHAT, "stream": True}))
+    assert "simulated device failure" in json.loads(payloads[-2])["error"]["message"] and payloads[-1] == "[DONE]"
+    assert_still_serving(client)
