@@ -151,3 +151,30 @@ def test_parse_adapter_choice():
                          ("base*0.5+a", "cannot be part of a mix"), ("a*nan", "finite")]:
         with pytest.raises(ValueError, match=message):
             parse_adapter_choice(bad, "base")
+
+
+def test_a_bf16_model_serves_in_bf16(tmp_path, tokenizer):
+    model = make_tiny_llama(dtype=torch.bfloat16)
+    bank = AdapterBank(model)
+    bank.load("attn", write_random_adapter(tmp_path / "attn", make_tiny_llama(), ATTENTION, rank=2, seed=1, std=1.0))
+    assert bank.layers["model.layers.0.self_attn.q_proj"].lora_a.dtype == torch.bfloat16
+    with Engine(model, tokenizer, bank, max_model_len=64) as engine:
+        engine.eos_ids = set()
+        results = [engine.submit(PROMPTS[0], choice, SamplingParams(max_tokens=6)).result() for choice in (None, "attn")]
+    assert [r.completion_tokens for r in results] == [6, 6]
+
+
+def test_a_failing_forward_ends_its_requests_with_an_error_and_the_engine_serves_on(engine, monkeypatch):
+    forward = engine._forward
+
+    def fail_once(*args):
+        monkeypatch.setattr(engine, "_forward", forward)
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(engine, "_forward", fail_once)
+    handle = engine.submit(PROMPTS[0], "attn", SamplingParams(max_tokens=4))
+    assert [(e.token_id, e.finish_reason) for e in handle] == [(None, "error")]
+    with pytest.raises(RuntimeError, match="out of memory"):
+        handle.result()
+    assert engine.submit(PROMPTS[0], "attn", SamplingParams(max_tokens=4)).result().completion_tokens == 4
+    assert sum(engine.bank._users) == 0

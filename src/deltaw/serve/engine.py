@@ -200,9 +200,16 @@ class Engine:
         return [row for row in newcomers if not row.finished]
 
     def _prefill(self, newcomers: list[_Row]) -> None:
+        """Run the newcomers' prompts (left-padded together), sample their first tokens, join the batch.
+        If the forward fails, only the newcomers end (finish_reason "error"); the batch runs on."""
         input_ids, mask, positions = prompt_batch([row.prompt_ids for row in newcomers], self.pad_id)
         cache = DynamicCache()
-        logits = self._forward(newcomers, input_ids, mask, positions, cache)
+        try:
+            logits = self._forward(newcomers, input_ids, mask, positions, cache)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory for one long prompt
+            for row in newcomers:
+                self._finish(row, "error", exc)
+            return
         for row in newcomers:
             row.length = len(row.prompt_ids)
         with self._wakeup:
