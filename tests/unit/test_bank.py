@@ -236,3 +236,15 @@ def test_the_bank_needs_a_plain_base_model_and_reports_memory(adapters):
     assert memory["base"] >= base and memory["resident"] == 3
     slots = bank.layers["model.layers.0.mlp.down_proj"].lora_a.shape[0]
     assert 3 <= slots <= 4 and memory["adapters"] > 0
+
+
+def test_a_load_waiting_for_a_slot_proceeds_when_a_request_ends(adapters):
+    bank = make_bank({"attn": adapters["attn"]}, max_resident=1, wait_for_slot=30)
+    route = bank.acquire("attn")
+    loader = threading.Thread(target=bank.load, args=("full", adapters["full"]))
+    loader.start()
+    loader.join(timeout=0.2)
+    assert loader.is_alive() and bank.resident() == ["attn"]  # waiting for the busy slot
+    bank.release(route)
+    loader.join(timeout=30)
+    assert bank.resident() == ["full"]

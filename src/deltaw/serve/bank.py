@@ -201,7 +201,7 @@ class AdapterBank:
         with self.lock:
             for slot, _ in route:
                 self._users[slot] -= 1
-                if self._users[slot] == 0 and slot in self._retired:
+                if self._users[slot] == 0:  # evictable now, or free if it was replaced or unloaded
                     self._free(slot)
 
     def set_routing(self, routes: list[Route]) -> None:
@@ -283,6 +283,7 @@ class AdapterBank:
             self._free(slot)
 
     def _free(self, slot: int) -> None:
+        """`slot` may be taken now (loads waiting in `_free_slot` look again)."""
         self._retired.discard(slot)
         self._slot_freed.notify_all()
 
