@@ -13,7 +13,7 @@ from deltaw.adapter import AdapterFormatError, describe_adapter, load_adapter
 from deltaw.checkpoint import CheckpointError
 from deltaw.data import DataError
 from deltaw.export import export_merged
-from deltaw.generation import chat_inputs, generate, load_with_adapters
+from deltaw.generation import chat_inputs, generate, load_with_adapters, parse_adapter_spec
 from deltaw.manage import deactivate_adapters, list_adapters, set_adapter
 from deltaw.models import BUNDLED_NAME, ModelLoadError, load_model
 from deltaw.targets import TargetError
@@ -251,6 +251,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if args.adapters_dir is not None and not os.path.isdir(args.adapters_dir):
         raise FileNotFoundError(f"--adapters-dir {args.adapters_dir}: no such directory")
+    for spec in args.adapter:  # fail before loading the model
+        if not os.path.isdir(parse_adapter_spec(spec)[1]):
+            raise FileNotFoundError(f"--adapter {spec}: no such adapter directory")
     serve(args.model, args.adapter, args.adapters_dir, args.host, args.port, args.api_key, args.max_resident,
           args.max_batch_size, args.max_model_len, DTYPES[args.dtype], args.log_level)
 

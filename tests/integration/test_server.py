@@ -95,7 +95,8 @@ def test_streamed_text_equals_the_non_streamed_text(server):
         chunks = list(client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": QUESTIONS[1]}], max_tokens=TOKENS, stream=True,
             stream_options={"include_usage": True}))
-        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+        assert streamed == whole.choices[0].message.content
         assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason
         assert chunks[-1].usage.model_dump() == whole.usage.model_dump() and whole.model == model
     text = client.completions.create(model="poet", prompt="The sea is", max_tokens=TOKENS)

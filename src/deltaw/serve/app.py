@@ -21,6 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import uvicorn
@@ -118,7 +119,8 @@ TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}  # pydantic 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """FastAPI's 422 becomes OpenAI's 400, with one message naming the field and the problem."""
     first = exc.errors()[0]
-    path = [str(part) for part in first["loc"][1:] if not (isinstance(part, str) and ("[" in part or part in TYPE_TAGS))]
+    path = [str(part) for part in first["loc"][1:]
+            if not (isinstance(part, str) and ("[" in part or part in TYPE_TAGS))]
     param = ".".join(path) or None
     if first["type"] == "json_invalid":
         reason = first.get("ctx", {}).get("error", "malformed JSON")
@@ -245,19 +247,12 @@ async def unload_adapter(request: Request, name: str) -> dict:
     return {"id": name, "object": "model", "deleted": True}
 
 
-@router.post("/v1/adapters/{name}/pin")
-async def pin_adapter(request: Request, name: str) -> dict:
+@router.post("/v1/adapters/{name}/{action}")
+async def pin_adapter(request: Request, name: str, action: Literal["pin", "unpin"]) -> dict:
+    """pin: keep the adapter resident (loading it back if it was evicted); unpin: let it be evicted again."""
     state = _state(request)
     _not_base(state, name)
-    await _bank_call(state, state.bank.pin, name)
-    return _model_card(state, name)
-
-
-@router.post("/v1/adapters/{name}/unpin")
-async def unpin_adapter(request: Request, name: str) -> dict:
-    state = _state(request)
-    _not_base(state, name)
-    await _bank_call(state, state.bank.unpin, name)
+    await _bank_call(state, state.bank.pin if action == "pin" else state.bank.unpin, name)
     return _model_card(state, name)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fastapi import Request
+from jinja2 import TemplateError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from deltaw.generation import chat_inputs
@@ -73,7 +74,7 @@ def prompt_ids(state: ServerState, body: ChatRequest | CompletionRequest) -> lis
         return body.prompt if isinstance(body.prompt, list) else state.tokenizer(body.prompt)["input_ids"]
     try:
         inputs = chat_inputs(state.tokenizer, [message.as_template_message() for message in body.messages])
-    except Exception as exc:  # a template may reject a conversation (e.g. roles out of order)
+    except (TemplateError, ValueError, TypeError) as exc:  # a template may reject a conversation
         raise APIError(400, f"messages: the chat template refused them: {exc}", "messages") from None
     return inputs["input_ids"][0].tolist()
 
@@ -148,20 +149,25 @@ def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-async def stream_events(state: ServerState, generation: Generation, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+async def stream_events(state: ServerState, generation: Generation, chat: bool,
+                        include_usage: bool) -> AsyncIterator[str]:
     """The SSE body: one chunk per token event, a finish chunk, optionally a usage chunk, then [DONE].
 
     A client that disconnects cancels the generator (Starlette cancels the response task), which
     cancels the engine request in `finally`.
     """
-    request_id = new_id("chatcmpl" if chat else "cmpl")
+    request_id, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
     kind = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(text: str | None, finish_reason: str | None, first: bool = False) -> str:
-        if not chat:
-            return sse(response_body(request_id, kind, generation.model, [text_choice(text or "", finish_reason)], None))
-        delta = {"role": "assistant", "content": ""} if first else {} if text is None else {"content": text}
-        return sse(response_body(request_id, kind, generation.model, [chat_delta(delta, finish_reason)], None))
+    def chunk(text: str | None, finish_reason: str | None, first: bool = False, usage_: dict | None = None) -> str:
+        if usage_ is not None:
+            choices = []
+        elif chat:
+            delta = {"role": "assistant", "content": ""} if first else {} if text is None else {"content": text}
+            choices = [chat_delta(delta, finish_reason)]
+        else:
+            choices = [text_choice(text or "", finish_reason)]
+        return sse(response_body(request_id, kind, generation.model, choices, usage_, created))
 
     done = False
     try:
@@ -181,8 +187,7 @@ async def stream_events(state: ServerState, generation: Generation, chat: bool, 
                 completion = await finish(state, generation)
                 yield chunk(None, completion.finish_reason)
                 if include_usage:
-                    yield sse(response_body(request_id, kind, generation.model, [],
-                                            usage(completion.prompt_tokens, completion.completion_tokens)))
+                    yield chunk(None, None, usage_=usage(completion.prompt_tokens, completion.completion_tokens))
                 break
         yield sse("[DONE]")
     finally:

@@ -69,8 +69,9 @@ class ServerMetrics:
     def render(self, gauges: dict[str, tuple[str, int | float]]) -> str:
         """The exposition text; `gauges` maps a metric name to (help, value), read by the caller now."""
         with self.lock:
+            requests = sorted(self.requests.items())
             lines = _family("deltaw_requests_total", "counter", "Finished generation requests.",
-                            [f'{{model="{_label(m)}",endpoint="{e}"}} {n}' for (m, e), n in sorted(self.requests.items())])
+                            [f'{{model="{_label(m)}",endpoint="{e}"}} {n}' for (m, e), n in requests])
             lines += _family("deltaw_prompt_tokens_total", "counter", "Prompt tokens of finished requests.",
                              [f'{{model="{_label(m)}"}} {n}' for m, n in sorted(self.prompt_tokens.items())])
             lines += _family("deltaw_completion_tokens_total", "counter", "Generated tokens of finished requests.",

@@ -133,6 +133,15 @@ class CompletionRequest(SamplingRequest):
         return self.max_tokens
 
 
+class AdapterLoadRequest(BaseModel):
+    """POST /v1/adapters: load (or replace) `<adapters_dir>/<name>` under `name`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    pin: bool = False
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -155,16 +164,10 @@ def text_choice(text: str, finish_reason: str | None) -> dict[str, Any]:
     return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
 
 
-def response_body(request_id: str, kind: str, model: str, choices: list[dict], usage_: dict | None) -> dict:
-    """A completion, or a stream chunk (`kind` ends in ".chunk"; `usage_` None until the usage chunk)."""
-    return {"id": request_id, "object": kind, "created": int(time.time()), "model": model,
+def response_body(request_id: str, kind: str, model: str, choices: list[dict], usage_: dict | None,
+                  created: int | None = None) -> dict:
+    """A completion, or a stream chunk (`usage_` None until the usage chunk; `created` the same in every chunk)."""
+    created = int(time.time()) if created is None else created
+    return {"id": request_id, "object": kind, "created": created, "model": model,
             "system_fingerprint": None, "choices": choices, "usage": usage_}
 
-
-class AdapterLoadRequest(BaseModel):
-    """POST /v1/adapters: load (or replace) `<adapters_dir>/<name>` under `name`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(min_length=1)
-    pin: bool = False
