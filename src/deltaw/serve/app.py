@@ -18,6 +18,7 @@ import asyncio
 import secrets
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,10 @@ import torch
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+from transformers import PreTrainedTokenizerBase
 
 from deltaw.adapter import AdapterFormatError
 from deltaw.generation import parse_adapter_spec
@@ -46,9 +49,9 @@ EVENT_WAITERS = 256  # worker threads that wait on engine events (created on dem
 class ServerState:
     """What every route needs: the engine, its bank and tokenizer, the names, the key and the metrics."""
 
-    engine: object
-    bank: object
-    tokenizer: object
+    engine: Engine
+    bank: AdapterBank
+    tokenizer: PreTrainedTokenizerBase
     base_name: str
     api_key: str | None = None
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
@@ -59,7 +62,8 @@ class ServerState:
         return [self.base_name, *self.bank.names()]
 
 
-def create_app(engine, bank, tokenizer, base_name: str, api_key: str | None = None) -> FastAPI:
+def create_app(engine: Engine, bank: AdapterBank, tokenizer: PreTrainedTokenizerBase, base_name: str,
+               api_key: str | None = None) -> FastAPI:
     """The FastAPI application over a started `engine` (the caller starts and shuts the engine down).
 
     Args:
@@ -85,10 +89,10 @@ def create_app(engine, bank, tokenizer, base_name: str, api_key: str | None = No
 class ApiKeyMiddleware:
     """Refuses /v1 requests without `Authorization: Bearer KEY`, before the body is read."""
 
-    def __init__(self, app, api_key: str | None) -> None:
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
         self.app, self.expected = app, f"Bearer {api_key}".encode() if api_key else None
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.expected is None or scope["type"] != "http" or not scope["path"].startswith("/v1"):
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"authorization", b"")
@@ -197,13 +201,13 @@ async def get_model(request: Request, name: str) -> dict:
     return _model_card(state, name)
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(request: Request, body: ChatRequest):
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(request: Request, body: ChatRequest) -> Response | dict:
     return await respond(_state(request), body, request, chat=True)
 
 
-@router.post("/v1/completions")
-async def completions(request: Request, body: CompletionRequest):
+@router.post("/v1/completions", response_model=None)
+async def completions(request: Request, body: CompletionRequest) -> Response | dict:
     return await respond(_state(request), body, request, chat=False)
 
 
@@ -259,7 +263,8 @@ async def pin_adapter(request: Request, name: str, action: Literal["pin", "unpin
 # ----------------------------------------------------------------------------- running it
 
 def build_engine(model_name: str, adapters: list[str], adapters_dir: str | None = None, max_resident: int = 32,
-                 max_batch_size: int = 16, max_model_len: int = 2048, dtype: torch.dtype = torch.float32):
+                 max_batch_size: int = 16, max_model_len: int = 2048, dtype: torch.dtype = torch.float32,
+                 ) -> tuple[Engine, AdapterBank, PreTrainedTokenizerBase]:
     """Load the base model once, its adapter bank with each 'name=DIR' adapter, and a started engine.
 
     Returns:
@@ -275,7 +280,7 @@ def build_engine(model_name: str, adapters: list[str], adapters_dir: str | None 
     return engine, bank, tokenizer
 
 
-def serve(model: str = BUNDLED_NAME, adapters: list[str] = (), adapters_dir: str | None = None,
+def serve(model: str = BUNDLED_NAME, adapters: Sequence[str] = (), adapters_dir: str | None = None,
           host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_resident: int = 32,
           max_batch_size: int = 16, max_model_len: int = 2048, dtype: torch.dtype = torch.float32,
           log_level: str = "info") -> None:

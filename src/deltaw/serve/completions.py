@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import Request
 from jinja2 import TemplateError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from deltaw.generation import chat_inputs
 from deltaw.serve.bank import BankFullError, UnknownAdapterError
@@ -195,7 +195,8 @@ async def stream_events(state: ServerState, generation: Generation, chat: bool,
             generation.handle.cancel()
 
 
-async def respond(state: ServerState, body: ChatRequest | CompletionRequest, request: Request, chat: bool):
+async def respond(state: ServerState, body: ChatRequest | CompletionRequest, request: Request,
+                  chat: bool) -> Response | dict:
     """Submit `body` and answer with an SSE stream or one JSON completion."""
     generation = await submit(state, body, "chat" if chat else "completions")
     if body.stream:
