@@ -224,3 +224,23 @@ def test_a_generation_that_fails_in_the_engine_is_a_500_for_it_alone(server, mon
     payloads = sse_payloads(client.post("/v1/chat/completions", json={**CHAT, "stream": True}))
     assert "simulated device failure" in json.loads(payloads[-2])["error"]["message"] and payloads[-1] == "[DONE]"
     assert_still_serving(client)
+
+
+def test_stop_strings_seeds_and_text_parts_reach_the_engine(server):
+    client, *_ = server
+    body = {"model": "beta", "prompt": "Once upon a time", "max_tokens": 12}
+    free = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    stop = free[len(free) // 2 : len(free) // 2 + 2]
+    stopped = client.post("/v1/completions", json={**body, "stop": stop}).json()["choices"][0]
+    assert stopped["text"] == free[: free.index(stop)] and stopped["finish_reason"] == "stop"
+    streamed = sse_payloads(client.post("/v1/completions", json={**body, "stop": [stop], "stream": True}))
+    assert "".join(json.loads(p)["choices"][0]["text"] for p in streamed[:-1]) == stopped["text"]
+
+    sampled = {**CHAT, "max_tokens": 8, "temperature": 1.0, "top_p": 0.9, "seed": 7}
+    first, second = (client.post("/v1/chat/completions", json=sampled).json() for _ in range(2))
+    assert first["choices"] == second["choices"]
+    assert client.post("/v1/chat/completions", json={**sampled, "seed": 8}).json()["choices"] != first["choices"]
+    parts = {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "Say "},
+                                                                {"type": "text", "text": "something."}]}]}
+    assert client.post("/v1/chat/completions", json=parts).json()["choices"] == \
+        client.post("/v1/chat/completions", json=CHAT).json()["choices"]
