@@ -72,7 +72,7 @@ def test_a_hundred_adapters_load_and_route_in_one_batch(bundled_pristine, tmp_pa
         bank.load(f"a{index}", path)
     memory = bank.memory_bytes()
     print(f"\n100 adapters: base {memory['base'] / 2**20:.0f} MiB, adapter slots {memory['adapters'] / 2**20:.1f} MiB")
-    slot_floats = 30 * 8 * (576 + 576 + 576 + 192) + 30 * 2  # q and v per layer at r_max 8, plus scalings
+    slot_floats = 30 * 8 * (576 + 576 + 576 + 192)  # A and B of q and v per layer, at r_max 8
     assert memory["resident"] == 100 and memory["adapters"] == 100 * slot_floats * 4
     pristine = bundled_pristine[0]
     assert memory["base"] == sum(t.numel() * t.element_size() for t in [*pristine.parameters(), *pristine.buffers()])

@@ -68,18 +68,23 @@ def make_bank(adapters: dict[str, Path], **kwargs) -> AdapterBank:
     return bank
 
 
-CHOICES = [None, "attn", "full", "mlp", {"attn": 0.5, "mlp": -1.5}, {"full": 0.3, "attn": 1.0, "mlp": 2.0}, "full"]
+CHOICES = {  # one adapter in the batch (one matmul per factor) and several (grouped by slot, bmm)
+    "one adapter": [None, "full", {"full": -0.5}, "full"],
+    "several": [None, "attn", "full", "mlp", {"attn": 0.5, "mlp": -1.5}, {"full": 0.3, "attn": 1.0, "mlp": 2.0}, "full"],
+}
 
 
-def test_stacked_path_equals_the_per_row_reference(adapters):
+@pytest.mark.parametrize("batch", CHOICES)
+def test_batched_path_equals_the_per_row_reference(adapters, batch):
+    choices = CHOICES[batch]
     bank = make_bank(adapters)
-    tokens = torch.randint(0, 128, (len(CHOICES), 9), generator=torch.Generator().manual_seed(0))
-    fast = routed_logits(bank, tokens, CHOICES)
-    reference = routed_logits(bank, tokens, CHOICES, reference=True)
+    tokens = torch.randint(0, 128, (len(choices), 9), generator=torch.Generator().manual_seed(0))
+    fast = routed_logits(bank, tokens, choices)
+    reference = routed_logits(bank, tokens, choices, reference=True)
     assert (fast - reference).abs().max() <= 1e-5
     base = make_tiny_llama()(tokens).logits.detach()
     assert (fast[0] - base[0]).abs().max() <= 1e-5  # the base row is the base model
-    for row in range(1, len(CHOICES)):
+    for row in range(1, len(choices)):
         assert (fast[row] - base[row]).abs().max() > 1e-2  # every adapter (and mix) changes the output
 
 

@@ -98,6 +98,7 @@ class AdapterBank:
         self._users = [0] * max_resident  # running requests per slot
         self._owner: list[str | None] = [None] * max_resident  # name published in each slot
         self._retired: set[int] = set()  # replaced/unloaded slots still used by running requests
+        self._capacity = 0  # slots allocated in every layer that has buffers
 
     # ----------------------------------------------------------------------------- loading
     def load(self, name: str, path: str | os.PathLike, pin: bool = False) -> None:
@@ -170,7 +171,7 @@ class AdapterBank:
 
     def memory_bytes(self) -> dict[str, int]:
         """{"base": model parameters and buffers, "adapters": the slot buffers, "resident": adapters in slots}."""
-        adapter_tensors = {id(t) for layer in self.layers.values() for t in (layer.lora_a, layer.lora_bt, layer.scaling)
+        adapter_tensors = {id(t) for layer in self.layers.values() for t in (layer.lora_a, layer.lora_bt)
                            if t is not None}
         tensors = {id(t): t for t in [*self.model.parameters(), *self.model.buffers()]}
         size = {key: t.numel() * t.element_size() for key, t in tensors.items()}
@@ -257,15 +258,18 @@ class AdapterBank:
                 )
 
     def _write(self, slot: int, planned: list[PlannedLayer]) -> None:
+        """Write `planned` into `slot` of every layer (zeros where it targets nothing). Every layer with
+        buffers holds `_capacity` slots, grown geometrically: loading n adapters copies O(n) slots."""
+        if slot >= self._capacity:
+            self._capacity = min(self.max_resident, max(slot + 1, 2 * self._capacity))
         targeted = {layer.module: layer for layer in planned}
         for module, routed in self.layers.items():
             if module in targeted:
                 layer = targeted[module]
-                slots = 0 if routed.lora_a is None else routed.lora_a.shape[0]
-                if slot >= slots:  # grow geometrically: loading n adapters copies O(n) slots, not O(n²)
-                    routed.reserve(min(self.max_resident, max(slot + 1, 2 * slots)), layer.lora_a.shape[0])
+                routed.reserve(self._capacity, layer.lora_a.shape[0])
                 routed.write_slot(slot, layer.lora_a, layer.lora_b, layer.scaling)
-            else:
+            elif routed.lora_a is not None:
+                routed.reserve(self._capacity, 0)
                 routed.clear_slot(slot)
         self.routing.invalidate()
 
