@@ -96,7 +96,6 @@ class AdapterBank:
         self._known: dict[str, _Known] = {}
         self._lru: OrderedDict[str, None] = OrderedDict()  # resident names, least recently used first
         self._users = [0] * max_resident  # running requests per slot
-        self._owner: list[str | None] = [None] * max_resident  # name published in each slot
         self._retired: set[int] = set()  # replaced/unloaded slots still used by running requests
         self._capacity = 0  # slots allocated in every layer that has buffers
 
@@ -249,7 +248,6 @@ class AdapterBank:
                     slot = known.slot
                     known.slot = None
                     del self._lru[name]
-                    self._owner[slot] = None
                     return slot
             if not self._slot_freed.wait(self.wait_for_slot):
                 raise BankFullError(
@@ -275,12 +273,11 @@ class AdapterBank:
 
     def _publish(self, name: str, slot: int) -> None:
         self._known[name].slot = slot
-        self._owner[slot] = name
         self._lru[name] = None
         self._lru.move_to_end(name)
 
     def _retire(self, slot: int) -> None:
-        self._owner[slot] = None
+        """`slot` no longer holds a published adapter: free now, or when its last request ends."""
         if self._users[slot] > 0:
             self._retired.add(slot)
         else:
