@@ -201,10 +201,21 @@ def test_32_concurrent_clients_get_what_each_gets_alone(server, alone):
         except Exception as exc:  # noqa: BLE001 - collected and reported below
             errors.append(exc)
 
+    running, finished = [], threading.Event()
+
+    def watch() -> None:  # how many requests share the batch, sampled while the clients run
+        while not finished.wait(0.01):
+            running.append(server.engine.stats()["requests_running"])
+
     threads = [threading.Thread(target=client, args=(index,)) for index in range(32)]
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=300)
+    finished.set()
+    watcher.join()
     assert not errors, errors
     assert answers == [alone[jobs[index % len(jobs)]] for index in range(32)]
+    assert max(running) > len(SERVED) + 1  # requests for different adapters really ran in one batch

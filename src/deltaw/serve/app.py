@@ -42,6 +42,7 @@ from deltaw.serve.engine import Engine
 from deltaw.serve.metrics import ServerMetrics
 from deltaw.serve.protocol import AdapterLoadRequest, APIError, ChatRequest, CompletionRequest, error_body
 
+SHUTDOWN_GRACE_S = 5  # on Ctrl-C, running streams get this long before they are cut (and their requests cancelled)
 EVENT_WAITERS = 256  # worker threads that wait on engine events (created on demand; idle ones cost nothing)
 
 
@@ -292,7 +293,7 @@ def serve(model: str = BUNDLED_NAME, adapters: Sequence[str] = (), adapters_dir:
                                            max_model_len, dtype)
     try:
         app = create_app(engine, bank, tokenizer, base_model_name(model), api_key)
-        uvicorn.run(app, host=host, port=port, log_level=log_level)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     finally:
         engine.shutdown()
 
