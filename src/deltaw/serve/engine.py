@@ -150,7 +150,9 @@ class Engine:
 
     def _check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
         params.check()
-        if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
+        if not isinstance(prompt_ids, (list, tuple)):
+            raise ValueError(f"the prompt must be a list of token ids, found {type(prompt_ids).__name__}")
+        if not prompt_ids:
             raise ValueError("the prompt is empty: give at least one token")
         if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.vocab_size for i in prompt_ids):
             raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
