@@ -209,11 +209,11 @@ def test_admin_load_pin_unpin_delete(server):
 def test_a_generation_that_fails_in_the_engine_is_a_500_for_it_alone(server, monkeypatch):
     client, _, engine = server
     forward = engine.model.forward
-    calls = []
+    calls, failing = [], [1]
 
-    def fail_once(*args, **kwargs):  # the first decode step (the second forward) fails
+    def fail_once(*args, **kwargs):  # forward number `failing[0]` fails: 1 is a prefill, 2 a decode step
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == failing[0]:
             raise RuntimeError("simulated device failure")
         return forward(*args, **kwargs)
 
@@ -221,6 +221,7 @@ def test_a_generation_that_fails_in_the_engine_is_a_500_for_it_alone(server, mon
     error = assert_openai_error(client.post("/v1/chat/completions", json=CHAT), 500, None, "simulated device failure")
     assert error["type"] == "server_error"
     calls.clear()
+    failing[0] = 2
     payloads = sse_payloads(client.post("/v1/chat/completions", json={**CHAT, "stream": True}))
     assert "simulated device failure" in json.loads(payloads[-2])["error"]["message"] and payloads[-1] == "[DONE]"
     assert_still_serving(client)
