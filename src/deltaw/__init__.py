@@ -21,12 +21,16 @@ from deltaw.models import BUNDLED_NAME, ModelLoadError, load_model
 from deltaw.nf4_linear import NF4Linear, linear_nf4
 from deltaw.plan import model_plan, shape_plan
 from deltaw.quantized import dequantize_model, merge_into_nf4, quantize_model, save_quantized
+from deltaw.serve import AdapterBank, Engine, SamplingParams
 from deltaw.svdtools import combine_adapters, extract_adapter, resize_adapter
 from deltaw.targets import TargetError
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterBank",
+    "Engine",
+    "SamplingParams",
     "BUNDLED_NAME",
     "AdapterFormatError",
     "LoRAConfig",

@@ -210,10 +210,8 @@ class LoRALinear(nn.Module):
             self.unmerged_weight.copy_(weight)
         lora_a = self.lora_A[name].detach().float()
         lora_b = self.lora_B[name].detach().float()
-        if weight.dtype == torch.float32:
-            if self.merged is not None:
-                weight.copy_(self.unmerged_weight)
-            weight.addmm_(lora_b, lora_a, alpha=self.scaling[name])
+        if weight.dtype == torch.float32:  # one pass: read the kept base, write the sum (no copy first)
+            torch.addmm(self.unmerged_weight, lora_b, lora_a, alpha=self.scaling[name], out=weight)
         else:
             weight.copy_(torch.addmm(self.unmerged_weight.float(), lora_b, lora_a, alpha=self.scaling[name]))
         self.merged = name
