@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "examples" / "personas"))
 
 import deltaw  # noqa: E402
 from deltaw.generation import answer_questions  # noqa: E402
-from deltaw.quantized import quantize_model  # noqa: E402
+from deltaw.quantized import adapter_base_record, prepare_base  # noqa: E402
 from deltaw.train import TrainConfig, train  # noqa: E402
 from persona_demo import SETTINGS  # noqa: E402
 from personas import PERSONAS  # noqa: E402
@@ -34,7 +34,7 @@ def run(method: str, persona: str, out: Path, questions: list[str]) -> dict:
                                **SETTINGS))
     model, tokenizer = deltaw.load_model(dtype=torch.bfloat16)
     if method == "qlora":
-        quantize_model(model)  # the base exactly as training built it
+        prepare_base(model, adapter_base_record(out / method))  # the base exactly as training built it
     model.float()
     deltaw.load_adapter(model, out / method, persona)
     answers = answer_questions(model, tokenizer, questions, persona, max_new_tokens=48)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE / "personas"))
 import deltaw  # noqa: E402
 from deltaw.data import file_sha256  # noqa: E402
 from deltaw.generation import answer_questions  # noqa: E402
-from deltaw.quantized import quantize_model  # noqa: E402
+from deltaw.quantized import adapter_base_record, prepare_base  # noqa: E402
 from deltaw.train import TrainConfig, train  # noqa: E402
 from personas import PERSONAS  # noqa: E402
 
@@ -68,7 +68,7 @@ def main() -> None:
 
     if args.method == "qlora":  # the base as training built it (quantized from bf16), computing in fp32
         model, tokenizer = deltaw.load_model(deltaw.BUNDLED_NAME, dtype=torch.bfloat16)
-        print(quantize_model(model))
+        prepare_base(model, adapter_base_record(adapters / PERSONAS[0].name))
         model.float()
     else:
         model, tokenizer = deltaw.load_model(deltaw.BUNDLED_NAME)

@@ -18,7 +18,7 @@ from deltaw.generation import chat_inputs, generate, load_with_adapters, parse_a
 from deltaw.manage import deactivate_adapters, list_adapters, lora_layers, set_adapter
 from deltaw.models import BUNDLED_NAME, ModelLoadError, load_model
 from deltaw.nf4_linear import quantized_layers
-from deltaw.quantized import dequantize_model, merge_into_nf4, quantize_model, save_quantized
+from deltaw.quantized import merge_into_nf4, prepare_base, quantize_model, save_quantized
 from deltaw.targets import TargetError
 from deltaw.train import DTYPES as TRAIN_DTYPES
 from deltaw.train import METHODS, SCHEDULES, TrainConfig, TrainingError, evaluate, train
@@ -31,20 +31,23 @@ USER_ERRORS = (AdapterFormatError, TargetError, ModelLoadError, DataError, Train
 def cmd_merge(args: argparse.Namespace) -> None:
     """Merge an adapter into its base model and write an HF model directory (or an NF4 one with --nf4)."""
     start = time.perf_counter()
-    quantization = read_adapter(args.adapter).config.get("deltaw", {}).get("base_quantization")
-    # A QLoRA adapter's base is rebuilt as in training: the same load dtype, then the same quantization.
-    model, tokenizer = load_model(args.model, dtype=DTYPES[quantization["dtype"]] if quantization else torch.float32)
-    if (quantization or args.nf4) and not quantized_layers(model):
-        spec = quantization or {}
-        print(quantize_model(model, spec.get("targets", "all-linear"), spec.get("exclude", ()),
-                             spec.get("blocksize", 64), spec.get("double_quant", True)))
+    if args.val_data and not args.nf4:
+        raise ValueError("--val-data measures the re-quantization of --nf4; add --nf4 or drop --val-data")
+    deltaw_config = read_adapter(args.adapter).config.get("deltaw", {})
+    record = deltaw_config.get("base_quantization")
+    # A QLoRA adapter's base is rebuilt as in training: the same load dtype, then the same NF4 layers.
+    model, tokenizer = load_model(args.model, dtype=DTYPES[record.get("dtype", "fp32")] if record else torch.float32)
+    if record:
+        prepare_base(model, record)
+    elif args.nf4 and not quantized_layers(model):
+        print(quantize_model(model))
     load_adapter(model, args.adapter, "merged", ignore_fingerprint=args.ignore_fingerprint)
     if args.nf4:
-        _merge_nf4(model, tokenizer, args)
+        _merge_nf4(model, tokenizer, args, deltaw_config.get("training", {}).get("seq_len", 512))
         return
     if quantized_layers(model) or any(layer.quantized for _, layer in lora_layers(model)):
-        dequantize_model(model, torch.float32)
-        print("merged into the dequantized NF4 base the adapter was trained on: no re-quantization error")
+        print("merged into the dequantized NF4 base" + (" the adapter was trained on: no re-quantization error"
+                                                         if record else f" of {args.model}"))
     out = export_merged(model, tokenizer, "merged", args.out, dtype=DTYPES[args.dtype], overwrite=args.overwrite)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"merged {args.adapter} into {args.model} -> {out} ({args.dtype}, {size / 2**20:.1f} MiB, "
@@ -52,9 +55,9 @@ def cmd_merge(args: argparse.Namespace) -> None:
     print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 
-def _merge_nf4(model: torch.nn.Module, tokenizer, args: argparse.Namespace) -> None:
+def _merge_nf4(model: torch.nn.Module, tokenizer: object, args: argparse.Namespace, seq_len: int) -> None:
     """Merge into the NF4 base, re-quantize, report the error, write a quantized model directory."""
-    examples = load_jsonl(args.val_data, tokenizer, seq_len=512).examples if args.val_data else []
+    examples = load_jsonl(args.val_data, tokenizer, seq_len=seq_len).examples if args.val_data else []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def val_loss() -> float:

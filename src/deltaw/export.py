@@ -44,11 +44,15 @@ def export_merged(
     """Merge `adapter` into `model`, drop the adapter layers and write an HF model directory to `out`.
 
     The directory holds config.json, the tokenizer and model.safetensors, and loads with
-    `transformers.AutoModelForCausalLM.from_pretrained(out)`. The model object is consumed.
+    `transformers.AutoModelForCausalLM.from_pretrained(out)`. The model object is consumed. An NF4 base is
+    dequantized first (see deltaw.quantized.merge_into_nf4 and save_quantized for a 4-bit output).
     """
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out}: exists and is not empty; choose a new directory or pass overwrite=True (--overwrite)")
+    from deltaw.quantized import dequantize_model
+
+    dequantize_model(model, torch.float32)  # an NF4 base merges exactly into its dequantized weights
     merge_adapter(model, adapter)
     unload(model)
     for param in model.parameters():

@@ -228,11 +228,13 @@ class LoRALinear(nn.Module):
         NF4Weight is kept aside, so unmerge is exact. Sets `merge_error`."""
         base = self._original_nf4()
         delta = self.delta_weight(name).to(base.device)
-        target = base.dequantize(torch.float32).add_(delta)
-        merged = quantize(target, base.blocksize, base.double_quant).to(base.device)
-        merged.dtype = base.dtype
-        error = merged.dequantize(torch.float32).sub_(target).norm()
-        self.merge_error = float(error / delta.norm().clamp(min=1e-30))
+        if not delta.any():  # nothing to add: re-quantizing would still move the block scales
+            merged, self.merge_error = base, 0.0
+        else:
+            target = base.dequantize(torch.float32).add_(delta)
+            merged = quantize(target, base.blocksize, base.double_quant).to(base.device)
+            merged.dtype = base.dtype
+            self.merge_error = float(merged.dequantize(torch.float32).sub_(target).norm() / delta.norm())
         self.__dict__["_unmerged_nf4"] = base
         self.weight = merged
         self.merged = name

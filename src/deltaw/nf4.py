@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 import torch
 from torch import nn
 
@@ -146,7 +147,16 @@ class NF4Weight(nn.Module):
     def numel(self) -> int:
         return self.shape.numel()
 
-    def _apply(self, fn, recurse: bool = True) -> NF4Weight:
+    def get_extra_state(self) -> dict:
+        """The non-tensor state, so that `state_dict()` / `load_state_dict()` carry the whole weight."""
+        return {"shape": list(self.shape), "dtype": str(self.dtype).removeprefix("torch."),
+                "blocksize": self.blocksize, "offset": self.offset}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.shape, self.blocksize, self.offset = torch.Size(state["shape"]), state["blocksize"], state["offset"]
+        self.dtype = getattr(torch, state["dtype"])
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> NF4Weight:
         """Follow device moves; take a float cast as the new compute dtype without touching the state."""
         probe = fn(torch.empty(0, dtype=self.dtype, device=self.device))
         if probe.is_floating_point():
@@ -209,6 +219,8 @@ def quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = Tru
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, found {blocksize}")
     if not weight.is_floating_point():
         raise TypeError(f"NF4 quantizes floating-point weights, found {weight.dtype}")
+    if not torch.isfinite(weight).all():
+        raise ValueError("the weight has NaN or Inf values, which NF4 cannot represent (a whole block would be NaN)")
     codes, absmax = _blockwise(weight.detach(), NF4_CODE.to(weight.device), blocksize)
     if codes.numel() % 2:
         codes = torch.cat([codes, codes.new_full((1,), 7)])  # pad with the code of 0.0
@@ -244,6 +256,9 @@ def from_bnb(state: dict[str, torch.Tensor], prefix: str = "weight") -> NF4Weigh
     if key not in state:
         found = [k for k in state if "quant_state" in k]
         raise ValueError(f"missing {key!r} (found {found or 'no quant_state'}); only NF4 states can be read")
+    missing = [k for k in (prefix, f"{prefix}.absmax", f"{prefix}.quant_map") if k not in state]
+    if missing:
+        raise ValueError(f"the 4-bit state of {prefix!r} lacks {missing}: not a complete bitsandbytes NF4 state")
     info = json.loads(bytes(state[key].cpu().numpy().tolist()).decode())
     code = state[f"{prefix}.quant_map"].float()
     if not torch.equal(code.cpu(), NF4_CODE):

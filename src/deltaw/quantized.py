@@ -118,6 +118,38 @@ def save_quantized(model: nn.Module, tokenizer, out: str | os.PathLike, overwrit
     return out
 
 
+def quantization_record(model: nn.Module, dtype: str) -> dict | None:
+    """What an adapter trained on `model` records of its NF4 base (None for a float base): the exact set
+    of quantized modules, the settings, and the dtype the float weights were loaded in before quantizing."""
+    layers = quantized_layers(model)
+    if not layers:
+        return None
+    first = next(iter(layers.values()))
+    return {"format": "nf4", "blocksize": first.blocksize, "double_quant": first.double_quant, "dtype": dtype,
+            "modules": sorted(layers)}
+
+
+def adapter_base_record(adapter_dir: str | os.PathLike) -> dict | None:
+    """The NF4 base an adapter was trained on, as its adapter_config.json records it (None: a float base)."""
+    from deltaw.adapter import read_adapter
+
+    return read_adapter(adapter_dir).config.get("deltaw", {}).get("base_quantization")
+
+
+def prepare_base(model: nn.Module, record: dict) -> None:
+    """Give `model` exactly the NF4 layers `record` (see quantization_record) lists: quantize a float base the
+    way training did, or check that an already quantized one matches."""
+    have, want = set(quantized_layers(model)), set(record.get("modules", ()))
+    if not want:
+        raise ValueError("the adapter's base_quantization record lists no modules: re-save it with this deltaw")
+    if not have:
+        quantize_linears(model, sorted(want), record.get("blocksize", 64), record.get("double_quant", True))
+        release_free_memory()
+    elif have != want:
+        raise ValueError(f"the base has {len(have)} NF4 layers but the adapter was trained on a base with "
+                         f"{len(want)} ({sorted(want ^ have)[:3]} differ): give --model the base it was trained on")
+
+
 def nf4_config(model_dir: str | os.PathLike) -> dict | None:
     """The NF4 `quantization_config` of a local model directory, or None for an unquantized one."""
     config_file = Path(model_dir) / "config.json"
@@ -150,18 +182,21 @@ def load_quantized(model_dir: str | os.PathLike, dtype: torch.dtype) -> nn.Modul
         with safe_open(str(file), framework="pt") as handle:
             state.update({key: handle.get_tensor(key) for key in handle.keys()})
     prefixes = [key.removesuffix(_STATE_SUFFIX) for key in state if key.endswith(_STATE_SUFFIX)]
+    placed: set[str] = set()
     for name in prefixes:
-        weight = from_bnb({k: v for k, v in state.items() if k.startswith(f"{name}.weight")}, prefix=f"{name}.weight")
+        keys = [k for k in state if k == f"{name}.weight" or k.startswith(f"{name}.weight.")]
+        weight = from_bnb({k: state.pop(k) for k in keys}, prefix=f"{name}.weight")
+        _check_layer(model, name, weight, model_dir)
         weight.dtype = dtype
         bias = state.pop(f"{name}.bias", None)
+        if bias is None and getattr(model.get_submodule(name), "bias", None) is not None:
+            raise ValueError(f"{model_dir}: {name}.bias is missing; re-create the directory with `deltaw quantize`")
         _replace(model, name, NF4Linear(weight, None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)))
-        for key in [k for k in state if k == f"{name}.weight" or k.startswith(f"{name}.weight.")]:
-            del state[key]
+        placed.update(k for k in model.get_submodule(name).state_dict(prefix=f"{name}.").keys())
     missing, unexpected = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v
                                                  for k, v in state.items()}, strict=False)
-    missing = [key for key in missing if ".weight." not in key]  # NF4 buffers were loaded above
     model.tie_weights()
-    untied = [key for key in missing if not _is_tied(model, key)]
+    untied = [key for key in missing if key not in placed and not _is_tied(model, key)]
     if untied or unexpected:
         raise ValueError(f"{model_dir}: the weights do not fit the config: missing {untied[:5]}, "
                          f"unexpected {unexpected[:5]}; re-create the directory with `deltaw quantize`")
@@ -175,6 +210,19 @@ def _empty_model(auto_class, config, dtype: torch.dtype) -> nn.Module:
 
     with no_init_weights():
         return auto_class.from_config(config, dtype=dtype)
+
+
+def _check_layer(model: nn.Module, name: str, weight, model_dir: Path) -> None:
+    """The stored NF4 weight must have the shape the config gives the layer."""
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"{model_dir}: {name} is quantized in the weights but is not a layer of the model's config; "
+                         "re-create the directory with `deltaw quantize`") from None
+    expected = (layer.out_features, layer.in_features)
+    if tuple(weight.shape) != expected or weight.packed.numel() != (weight.numel() + 1) // 2:
+        raise ValueError(f"{model_dir}: {name}.weight is {list(weight.shape)} with {weight.packed.numel()} packed "
+                         f"bytes, the config says {list(expected)}; re-create the directory with `deltaw quantize`")
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

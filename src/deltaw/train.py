@@ -26,11 +26,11 @@ from deltaw.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoin
 from deltaw.config import LoRAConfig
 from deltaw.data import IGNORE, Dataset, Example, collate, load_jsonl, pack, split_validation
 from deltaw.losses import lm_loss_sum
-from deltaw.manage import add_lora
+from deltaw.manage import add_lora, registry
 from deltaw.metrics import MetricsLog, plot_losses
 from deltaw.models import BUNDLED_NAME, load_model
 from deltaw.nf4_linear import quantized_layers
-from deltaw.quantized import quantize_model
+from deltaw.quantized import quantization_record, quantize_model
 from deltaw.runtime import tune_malloc_for_reuse
 
 ADAPTER = "default"
@@ -254,18 +254,16 @@ def attach_adapter(model, config: TrainConfig) -> object:
     """Add the trainable adapter `config.method` names to `model`; returns a printable report."""
     if config.method == "qlora" and not quantized_layers(model):
         print(quantize_model(model, config.lora().targets, config.lora().exclude))
-    return add_lora(model, config.lora(), name=ADAPTER, dtype=torch.float32)
+    report = add_lora(model, config.lora(), name=ADAPTER, dtype=torch.float32)
+    record = quantization_record(model, config.dtype)
+    if record:  # kept with the adapter (checkpoints too), so `deltaw merge` can rebuild this very base
+        registry(model).adapters[ADAPTER].metadata["base_quantization"] = record
+    return report
 
 
 def save_trained_adapter(model, out: Path, training: dict) -> None:
-    """Write the trained adapter to `out` in PEFT's layout, with its training record (and, for QLoRA, the
-    base quantization it was trained on, so `deltaw merge` can rebuild that base)."""
-    quantized = quantized_layers(model)
-    extra = {"base_quantization": {"format": "nf4", "blocksize": next(iter(quantized.values())).blocksize,
-                                   "double_quant": next(iter(quantized.values())).double_quant,
-                                   "targets": training["targets"], "exclude": training["exclude"],
-                                   "dtype": training["dtype"]}} if quantized else {}
-    save_adapter(model, out, ADAPTER, metadata={"training": training, **extra})
+    """Write the trained adapter to `out` in PEFT's layout, with its training record."""
+    save_adapter(model, out, ADAPTER, metadata={"training": training})
 
 
 def _optimizer_step(model, micro, params, optimizer, scheduler, autocast, config, state, out) -> tuple[float, int]:

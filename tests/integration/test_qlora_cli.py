@@ -12,7 +12,7 @@ import torch
 import deltaw
 from deltaw.metrics import read_metrics
 from deltaw.nf4_linear import NF4Linear, quantized_layers
-from deltaw.quantized import quantize_model
+from deltaw.quantized import adapter_base_record, prepare_base, quantize_model
 
 pytestmark = pytest.mark.slow
 DELTAW = str(Path(sys.executable).parent / "deltaw")
@@ -32,7 +32,7 @@ def qlora_run(tmp_path_factory):
     (root / "val.jsonl").write_text("\n".join(lines[-12:]) + "\n")
     result = run("train", "--method", "qlora", "--data", str(root / "train.jsonl"), "--val-data",
                  str(root / "val.jsonl"), "--out", str(root / "adapter"), "--steps", "8", "--batch-size", "4",
-                 "--seq-len", "128", "--lr", "2e-3", "--no-progress")
+                 "--seq-len", "128", "--lr", "2e-3", "--save-every", "4", "--no-progress")
     assert result.returncode == 0, result.stderr
     return root, result.stdout
 
@@ -44,7 +44,10 @@ def test_qlora_training_on_the_bundled_model_reduces_the_loss(qlora_run):
     assert len(losses) == 8 and sum(losses[-2:]) < sum(losses[:2]) - 0.5
     config = json.loads((root / "adapter" / "adapter_config.json").read_text())
     assert config["deltaw"]["training"]["method"] == "qlora"
-    assert config["deltaw"]["base_quantization"]["format"] == "nf4"
+    record = config["deltaw"]["base_quantization"]
+    assert record["format"] == "nf4" and len(record["modules"]) == 210 and record["dtype"] == "bf16"
+    checkpoint = json.loads((root / "adapter" / "checkpoints" / "step-000004" / "adapter_config.json").read_text())
+    assert checkpoint["deltaw"]["base_quantization"] == record  # a checkpoint merges onto the same base
 
 
 def test_merge_writes_exactly_the_model_qlora_trained(qlora_run, tmp_path):
@@ -80,9 +83,20 @@ def test_merge_into_nf4_reports_the_error_and_loads_back(qlora_run, tmp_path):
                         result.stdout.split("validation loss: adapter unmerged on the NF4 base")[1].split("(")[0]
                         .split(", merged and re-quantized"))
     assert unmerged > 0 and merged > 0 and merged != unmerged
-    model, _ = deltaw.load_model(tmp_path / "nf4")
+    model, tokenizer = deltaw.load_model(tmp_path / "nf4", dtype=torch.bfloat16)
     assert len(quantized_layers(model)) == 210
     assert isinstance(model.model.layers[0].self_attn.q_proj, NF4Linear)
+    expected, _ = deltaw.load_model(dtype=torch.bfloat16)  # the same merge in memory
+    prepare_base(expected, adapter_base_record(root / "adapter"))
+    deltaw.load_adapter(expected, root / "adapter", "pirate")
+    tokens = tokenizer(["Ahoy, what is the weather like today?"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        with deltaw.disable_adapters(expected):
+            base = expected(tokens).logits
+        deltaw.merge_adapter(expected, "pirate")
+        merged_logits = expected(tokens).logits
+        assert torch.equal(model(tokens).logits, merged_logits)
+        assert not torch.equal(merged_logits, base)
 
 
 def test_quantize_cli_writes_a_directory_that_loads_back(tiny_model_dir, tmp_path):

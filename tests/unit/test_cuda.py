@@ -75,7 +75,7 @@ def test_qlora_on_cuda_equals_qlora_on_cpu_and_trains():
     deltaw.add_lora(gpu, deltaw.LoRAConfig(rank=4))
     randomize_lora_b(gpu, "default")
     gpu.to(CUDA)
-    state = {k: v for k, v in gpu.state_dict().items() if "lora_" not in k}
+    state = {k: v for k, v in gpu.state_dict().items() if "lora_" not in k and isinstance(v, torch.Tensor)}
     assert all(v.device.type == "cuda" for v in state.values())
     tokens = torch.randint(0, 128, (2, 12))
     expected = cpu(tokens).logits
@@ -94,3 +94,33 @@ def test_qlora_on_cuda_equals_qlora_on_cpu_and_trains():
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     assert all(torch.equal(before[name], w.packed) for name, w in quantized_layers(gpu).items())
+
+
+def word_tokenizer(vocab_size: int = 128):
+    """An in-memory tokenizer (one word a token) so the engine test needs no files."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    inner = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    inner.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=inner, eos_token="w1", pad_token="w0")
+
+
+def test_serving_engine_on_cuda_gives_each_request_its_solo_output(tmp_path):
+    from deltaw.serve import AdapterBank, Engine, SamplingParams
+    from tests.unit.test_bank import ALL, ATTENTION, write_random_adapter
+
+    model = make_tiny_llama().to(CUDA)
+    bank = AdapterBank(model, max_resident=4)
+    bank.load("attn", write_random_adapter(tmp_path / "attn", model, ATTENTION, rank=2, seed=1, std=1.0))
+    bank.load("full", write_random_adapter(tmp_path / "full", model, ALL, rank=8, seed=2, std=1.0))
+    prompts = [[5, 9, 17, 3, 44, 12], [7, 7, 8], [100, 3, 55, 21, 9, 10, 11, 60, 2, 30]]
+    choices = [None, "attn", "full"]
+    with Engine(model, word_tokenizer(), bank, max_batch_size=8, max_model_len=128) as engine:
+        engine.eos_ids = set()
+        greedy = SamplingParams(max_tokens=10)
+        solo = [engine.submit(p, c, greedy).result().text for p, c in zip(prompts, choices)]
+        assert len(set(solo)) == 3
+        handles = [engine.submit(p, c, greedy) for p, c in zip(prompts, choices)]
+        assert [h.result().text for h in handles] == solo

@@ -52,7 +52,7 @@ def test_quantize_model_frees_the_float_weights_and_holds_4_127_bits(tiny, token
         assert not (isinstance(module, torch.nn.Linear) and module is not tiny.lm_head), name
     # Everything the quantized layers hold: 4 bits a weight, one absmax byte per 64, fp32 second level.
     assert report.nf4_bytes == nf4_bytes(tiny) < 0.3 * float_bytes / 2  # below 30% of the bf16 bytes
-    held = sum(t.numel() * t.element_size() for t in tiny.state_dict().values())
+    held = sum(t.numel() * t.element_size() for t in tiny.state_dict().values() if isinstance(t, torch.Tensor))
     assert held < sum(p.numel() * 4 for p in make_tiny_llama().parameters()) - 0.8 * float_bytes
     assert tiny(tokens).logits.isfinite().all()
 
@@ -72,9 +72,30 @@ def test_qlora_forward_and_backward_never_hold_a_dequantized_weight(tiny, tokens
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         loss = tiny(tokens).logits.square().mean()
     assert saved and not [s for s in saved if tuple(s) in weight_shapes]
+    nodes = autograd_nodes(loss.grad_fn, "_LinearNF4")
+    # 14 quantized layers; layer 0's q/k/v read the frozen embeddings, so need no backward: 11 nodes, each
+    # holding the packed weight and no float tensor
+    assert len(nodes) == 11
+    for node in nodes:
+        assert isinstance(node.weight, NF4Weight)
+        assert not [v for v in vars(node).values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
     loss.backward()
     trainable = [p for p in tiny.parameters() if p.requires_grad]
     assert trainable and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+
+
+def autograd_nodes(root, name: str) -> list:
+    """The nodes of the graph behind `root` whose type name contains `name`."""
+    found, seen, stack = [], set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if name in type(node).__name__:
+            found.append(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
 
 
 def test_qlora_training_changes_only_the_adapter(tiny, tokens):
@@ -153,12 +174,17 @@ def test_saved_quantized_model_loads_back_with_the_same_outputs(tmp_path, tiny_m
     assert load_quantized(tmp_path / "q", torch.bfloat16).model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
 
 
+def saved_qlora_adapter(model, tokens, path):
+    """Quantize `model`, give it a random adapter, save that in PEFT's layout; returns the adapted logits."""
+    quantize_model(model)
+    deltaw.add_lora(model, deltaw.LoRAConfig(rank=4))
+    randomize_lora_b(model, "default")
+    deltaw.save_adapter(model, path, "default")
+    return model(tokens).logits
+
+
 def test_adapter_trained_on_nf4_loads_from_peft_files_onto_a_quantized_model(tmp_path, tiny, tokens):
-    quantize_model(tiny)
-    deltaw.add_lora(tiny, deltaw.LoRAConfig(rank=4))
-    randomize_lora_b(tiny, "default")
-    expected = tiny(tokens).logits
-    deltaw.save_adapter(tiny, tmp_path / "adapter", "default")
+    expected = saved_qlora_adapter(tiny, tokens, tmp_path / "adapter")
     fresh = make_tiny_llama()
     quantize_model(fresh)
     deltaw.load_adapter(fresh, tmp_path / "adapter", "qlora")
@@ -169,7 +195,7 @@ def test_adapter_trained_on_nf4_loads_from_peft_files_onto_a_quantized_model(tmp
 
 def test_quantizing_twice_is_refused_with_a_clear_error(tiny):
     quantize_model(tiny)
-    with pytest.raises(Exception, match="nn.Linear"):
+    with pytest.raises(TypeError, match="nn.Linear"):
         quantize_model(tiny, targets=[r".*q_proj"])
 
 
@@ -179,3 +205,76 @@ def test_lora_layer_keeps_the_nf4_weight_object(tiny):
     deltaw.add_lora(tiny, deltaw.LoRAConfig(rank=2))
     layer = tiny.model.layers[0].self_attn.q_proj
     assert isinstance(layer, LoRALinear) and layer.quantized and layer.weight is weight
+
+
+def test_state_dict_round_trip_carries_the_whole_nf4_weight(tokens):
+    source, target = make_tiny_llama(seed=0), make_tiny_llama(seed=1)
+    quantize_model(source)
+    quantize_model(target)
+    target.load_state_dict(source.state_dict())
+    assert torch.equal(target(tokens).logits, source(tokens).logits)
+
+
+def test_layers_with_biases_quantize_save_and_load(tmp_path, tokenizer, tokens):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True)
+    model = LlamaForCausalLM(config).eval()
+    quantize_model(model)
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    save_quantized(model, tokenizer, tmp_path / "q")
+    loaded = load_quantized(tmp_path / "q", torch.float32)
+    assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+
+
+def test_export_merged_writes_the_qlora_model_in_float(tmp_path, tiny, tokens, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    quantize_model(tiny)
+    deltaw.add_lora(tiny, deltaw.LoRAConfig(rank=4))
+    randomize_lora_b(tiny, "default")
+    expected = tiny(tokens).logits
+    deltaw.export_merged(tiny, tokenizer, "default", tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    assert (merged(tokens).logits - expected).abs().max() <= 1e-5
+
+
+def test_merging_a_zero_update_into_nf4_changes_nothing(tiny, tokens):
+    quantize_model(tiny)
+    before = nf4_state(tiny)
+    deltaw.add_lora(tiny, deltaw.LoRAConfig(rank=4))  # B = 0
+    report = deltaw.merge_into_nf4(tiny, "default")
+    assert set(report.layer_errors.values()) == {0.0}
+    assert all(torch.equal(before[k], v) for k, v in nf4_state(tiny).items())
+
+
+def test_prepare_base_rebuilds_the_recorded_nf4_layers_and_refuses_another(tiny):
+    from deltaw.quantized import prepare_base, quantization_record
+
+    quantize_model(tiny, targets=[r".*\.q_proj"])
+    record = quantization_record(tiny, "fp32")
+    fresh = make_tiny_llama()
+    prepare_base(fresh, record)
+    assert sorted(quantized_layers(fresh)) == record["modules"] == ["model.layers.0.self_attn.q_proj",
+                                                                    "model.layers.1.self_attn.q_proj"]
+    other = make_tiny_llama()
+    quantize_model(other)
+    with pytest.raises(ValueError, match="trained on a base with 2"):
+        prepare_base(other, record)
+
+
+def test_the_adapter_bank_serves_on_an_nf4_base(tmp_path, tiny, tokens):
+    from deltaw.serve import AdapterBank
+
+    expected = saved_qlora_adapter(tiny, tokens, tmp_path / "a")
+    base = make_tiny_llama()
+    quantize_model(base)
+    bank = AdapterBank(base)
+    bank.load("a", tmp_path / "a")
+    route = bank.acquire("a")
+    try:
+        bank.set_routing([route, route])
+        assert (base(tokens).logits - expected).abs().max() <= 1e-5
+    finally:
+        bank.release(route)

@@ -39,6 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltaw.nf4 import NF4Weight
+from deltaw.nf4_linear import linear_nf4
+
 Route = tuple[tuple[int, float], ...]
 """A row's adapters: ((slot, weight), ...); () is the base model."""
 
@@ -173,7 +176,8 @@ class RoutedLinear(nn.Linear):
     # ----------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [rows, seq, in] -> [rows, seq, out], row i with the adapters of `routing.routes[i]`."""
-        y = F.linear(x, self.weight, self.bias)
+        quantized = isinstance(self.weight, NF4Weight)  # an NF4 base (QLoRA): dequantized on the fly
+        y = linear_nf4(x, self.weight, self.bias) if quantized else F.linear(x, self.weight, self.bias)
         routing = self.routing
         if routing.slots is None or self.lora_a is None:
             return y
