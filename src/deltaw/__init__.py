@@ -1,7 +1,7 @@
-"""deltaw: low-rank adapters for large language models: train, merge, switch and serve them on one frozen base."""
+"""deltaw: low-rank and prefix adapters for large language models: train, merge, switch and serve them on one frozen base."""
 
 from deltaw.adapter import AdapterFormatError, describe_adapter, load_adapter, read_adapter, save_adapter
-from deltaw.config import LoRAConfig
+from deltaw.config import LoRAConfig, PrefixConfig
 from deltaw.export import export_merged, unload
 from deltaw.lora import LoRALinear
 from deltaw.manage import (
@@ -19,6 +19,7 @@ from deltaw.manage import (
 )
 from deltaw.models import BUNDLED_NAME, ModelLoadError, load_model
 from deltaw.plan import model_plan, shape_plan
+from deltaw.prefix import PrefixReport, add_prefix, prefix_rows, prefix_values, set_prefix_rows
 from deltaw.svdtools import combine_adapters, extract_adapter, resize_adapter
 from deltaw.targets import TargetError
 
@@ -31,9 +32,12 @@ __all__ = [
     "LoRALinear",
     "LoRAReport",
     "ModelLoadError",
+    "PrefixConfig",
+    "PrefixReport",
     "TargetError",
     "active_adapter",
     "add_lora",
+    "add_prefix",
     "combine_adapters",
     "deactivate_adapters",
     "delete_adapter",
@@ -47,10 +51,13 @@ __all__ = [
     "merge_adapter",
     "merged_adapter",
     "model_plan",
+    "prefix_rows",
+    "prefix_values",
     "read_adapter",
     "resize_adapter",
     "save_adapter",
     "set_adapter",
+    "set_prefix_rows",
     "shape_plan",
     "unload",
     "unmerge_adapter",

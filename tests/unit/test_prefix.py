@@ -173,3 +173,16 @@ def test_prefix_adapters_live_in_the_adapter_registry(tokens):
         deltaw.merge_adapter(model, "p")
     deltaw.delete_adapter(model, "p")
     assert "p" not in model.deltaw_prefixes and deltaw.list_adapters(model) == ["default"]
+
+
+def test_gradient_checkpointing_gives_the_same_prefix_gradients(tokens):
+    """PEFT refuses prefix-tuning with gradient checkpointing (its prefix rides in the cache); deltaw's does not."""
+    grads = []
+    for checkpointing in (False, True):
+        model = prefixed_model()
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        grads.append(model.deltaw_prefixes.default.prompt_embeddings.grad)
+    assert grads[0].abs().max() > 0 and torch.equal(grads[0], grads[1])
