@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -13,7 +14,7 @@ from deltaw.checkpoint import CheckpointError
 from deltaw.config import PREFIX_INITS
 from deltaw.data import DataError
 from deltaw.export import export_merged
-from deltaw.generation import chat_inputs, generate, load_with_adapters
+from deltaw.generation import chat_inputs, generate, load_with_adapters, parse_adapter_spec
 from deltaw.manage import deactivate_adapters, list_adapters, set_adapter
 from deltaw.models import BUNDLED_NAME, ModelLoadError, load_model
 from deltaw.targets import TargetError
@@ -255,6 +256,36 @@ def _add_svd_flags(parser: argparse.ArgumentParser) -> None:
                         help="zero-pad every layer to the largest rank (for servers that ignore rank_pattern)")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Serve the base model and its adapters over an OpenAI-compatible HTTP API."""
+    from deltaw.serve.app import serve
+
+    if args.adapters_dir is not None and not os.path.isdir(args.adapters_dir):
+        raise FileNotFoundError(f"--adapters-dir {args.adapters_dir}: no such directory")
+    for spec in args.adapter:  # fail before loading the model
+        if not os.path.isdir(parse_adapter_spec(spec)[1]):
+            raise FileNotFoundError(f"--adapter {spec}: no such adapter directory")
+    serve(args.model, args.adapter, args.adapters_dir, args.host, args.port, args.api_key, args.max_resident,
+          args.max_batch_size, args.max_model_len, DTYPES[args.dtype], args.log_level)
+
+
+def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=BUNDLED_NAME,
+                        help=f"base model (default {BUNDLED_NAME}); clients select it by this name")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                        help="serve an adapter under a name (repeatable); clients select it with model=NAME")
+    parser.add_argument("--adapters-dir", help="directory POST /v1/adapters may load adapters from, by name")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=os.environ.get("DELTAW_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on every /v1 route (default: $DELTAW_API_KEY)")
+    parser.add_argument("--max-resident", type=int, default=32, help="adapters held in memory at once (LRU beyond)")
+    parser.add_argument("--max-batch-size", type=int, default=16, help="requests generated together")
+    parser.add_argument("--max-model-len", type=int, default=2048, help="prompt + completion tokens per request")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltaw", description="Low-rank adapters on one frozen base model.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -311,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--seq-len", type=int, default=0)
     plan.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     plan.set_defaults(func=cmd_plan)
+
+    serve_parser = commands.add_parser("serve", help="serve the base model and many adapters (OpenAI-compatible HTTP)")
+    _add_serve_flags(serve_parser)
+    serve_parser.set_defaults(func=cmd_serve)
 
     inspect = commands.add_parser("inspect", help="describe an adapter directory")
     inspect.add_argument("adapter", help="adapter directory")

@@ -1,0 +1,209 @@
+"""One generation request, from a validated body to a JSON completion or an SSE stream.
+
+The engine runs in its own thread; a request's TokenEvents are awaited on worker threads
+(`ServerState.waiters`), so the event loop never blocks while a token is being computed. A request
+that fails inside the engine gets an error; the others continue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fastapi import Request
+from jinja2 import TemplateError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from deltaw.generation import chat_inputs
+from deltaw.serve.bank import BankFullError, UnknownAdapterError
+from deltaw.serve.engine import Completion, RequestHandle, SamplingParams, TokenEvent, parse_adapter_choice
+from deltaw.serve.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    chat_choice,
+    chat_delta,
+    error_body,
+    new_id,
+    response_body,
+    text_choice,
+    usage,
+)
+
+if TYPE_CHECKING:
+    from deltaw.serve.app import ServerState
+
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+
+
+@dataclass
+class Generation:
+    """A submitted request: its handle, the label metrics count it under, and its clock (perf_counter)."""
+
+    handle: RequestHandle
+    model: str
+    label: str
+    endpoint: str
+    start: float
+
+
+def resolve_model(state: ServerState, model: str) -> None | str | dict[str, float]:
+    """The request's `model` -> None (base), an adapter name, or {name: weight}; 404 for unknown names."""
+    try:
+        choice = parse_adapter_choice(model, state.base_name)
+        state.bank.resolve(choice)
+    except UnknownAdapterError as exc:
+        raise unknown_model(state, exc.name) from None
+    except ValueError as exc:
+        raise APIError(400, f"model: {exc}", "model", "invalid_model") from None
+    return choice
+
+
+def unknown_model(state: ServerState, name: str) -> APIError:
+    return APIError(404, f"model {name!r} is not served here; available models: {', '.join(state.served_names())}"
+                    " (load another adapter with POST /v1/adapters)", "model", "model_not_found", "not_found_error")
+
+
+def prompt_ids(state: ServerState, body: ChatRequest | CompletionRequest) -> list[int]:
+    """Token ids of the prompt: chat messages through the tokenizer's chat template, or the raw prompt."""
+    if isinstance(body, CompletionRequest):
+        return body.prompt if isinstance(body.prompt, list) else state.tokenizer(body.prompt)["input_ids"]
+    try:
+        inputs = chat_inputs(state.tokenizer, [message.as_template_message() for message in body.messages])
+    except (TemplateError, ValueError, TypeError) as exc:  # a template may reject a conversation
+        raise APIError(400, f"messages: the chat template refused them: {exc}", "messages") from None
+    return inputs["input_ids"][0].tolist()
+
+
+def sampling_params(state: ServerState, body: ChatRequest | CompletionRequest, prompt_length: int) -> SamplingParams:
+    """The request's sampling parameters; max_tokens defaults to 16 (completions) or the rest of the context (chat)."""
+    max_tokens = body.token_limit()
+    if max_tokens is None:
+        chat_default = max(state.engine.max_model_len - prompt_length, 1)
+        max_tokens = DEFAULT_COMPLETION_TOKENS if isinstance(body, CompletionRequest) else chat_default
+    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                          stop=list(body.stop), seed=body.seed)
+
+
+async def submit(state: ServerState, body: ChatRequest | CompletionRequest, endpoint: str) -> Generation:
+    """Check the request against the served models and queue it on the engine.
+
+    The engine checks the prompt and parameters (a ValueError is a 400) and acquires the adapters'
+    slots, which may read an evicted adapter back from disk: that runs on a worker thread.
+    """
+    start = time.perf_counter()
+    choice = resolve_model(state, body.model)
+    ids = prompt_ids(state, body)
+    params = sampling_params(state, body, len(ids))
+    try:
+        handle = await asyncio.get_running_loop().run_in_executor(state.waiters, state.engine.submit, ids, choice,
+                                                                  params)
+    except UnknownAdapterError as exc:  # unloaded between the check and the submit
+        raise unknown_model(state, exc.name) from None
+    except ValueError as exc:
+        raise APIError(400, str(exc), code="invalid_request") from None
+    except (BankFullError, RuntimeError) as exc:  # every slot busy, or shutting down: retry later
+        raise APIError(503, str(exc), code="unavailable", kind="server_error") from None
+    label = "mix" if isinstance(choice, dict) else choice or state.base_name
+    return Generation(handle, body.model, label, endpoint, start)
+
+
+async def next_event(state: ServerState, generation: Generation) -> TokenEvent:
+    """The request's next TokenEvent, awaited on a worker thread; a failed generation is a 500 for it alone."""
+    handle = generation.handle
+    event = await asyncio.get_running_loop().run_in_executor(state.waiters, handle.next_event)
+    if event.finish_reason == "error":
+        raise APIError(500, f"generation failed: {handle.error}", kind="server_error", code="generation_failed")
+    return event
+
+
+async def finish(state: ServerState, generation: Generation) -> Completion:
+    """The engine's final Completion; counts the request in the metrics."""
+    handle = generation.handle
+    completion = await asyncio.get_running_loop().run_in_executor(state.waiters, handle.result)
+    first_token = None if handle.first_token_at is None else handle.first_token_at - generation.start
+    state.metrics.record_request(generation.label, generation.endpoint, completion.prompt_tokens,
+                                 completion.completion_tokens, time.perf_counter() - generation.start, first_token)
+    return completion
+
+
+async def collect(state: ServerState, generation: Generation, request: Request) -> Completion | None:
+    """Run a request to its end (cancelled if the client goes away) and return its Completion."""
+    done = False
+    try:
+        while (await next_event(state, generation)).finish_reason is None:
+            if await request.is_disconnected():
+                return None
+        done = True
+        return await finish(state, generation)
+    finally:
+        if not done:
+            generation.handle.cancel()
+
+
+def sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+async def stream_events(state: ServerState, generation: Generation, chat: bool,
+                        include_usage: bool) -> AsyncIterator[str]:
+    """The SSE body: one chunk per token event, a finish chunk, optionally a usage chunk, then [DONE].
+
+    A client that disconnects cancels the generator (Starlette cancels the response task), which
+    cancels the engine request in `finally`.
+    """
+    request_id, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(text: str | None, finish_reason: str | None, first: bool = False, usage_: dict | None = None) -> str:
+        if usage_ is not None:
+            choices = []
+        elif chat:
+            delta = {"role": "assistant", "content": ""} if first else {} if text is None else {"content": text}
+            choices = [chat_delta(delta, finish_reason)]
+        else:
+            choices = [text_choice(text or "", finish_reason)]
+        return sse(response_body(request_id, kind, generation.model, choices, usage_, created))
+
+    done = False
+    try:
+        if chat:
+            yield chunk(None, None, first=True)
+        while True:
+            try:
+                event = await next_event(state, generation)
+            except APIError as exc:  # the engine failed this request: tell the client, end the stream
+                state.metrics.record_error(exc.status)
+                yield sse(exc.body())
+                break
+            if event.text:
+                yield chunk(event.text, None)
+            if event.finish_reason is not None:
+                done = True
+                completion = await finish(state, generation)
+                yield chunk(None, completion.finish_reason)
+                if include_usage:
+                    yield chunk(None, None, usage_=usage(completion.prompt_tokens, completion.completion_tokens))
+                break
+        yield sse("[DONE]")
+    finally:
+        if not done:
+            generation.handle.cancel()
+
+
+async def respond(state: ServerState, body: ChatRequest | CompletionRequest, request: Request, chat: bool):
+    """Submit `body` and answer with an SSE stream or one JSON completion."""
+    generation = await submit(state, body, "chat" if chat else "completions")
+    if body.stream:
+        return StreamingResponse(stream_events(state, generation, chat, body.include_usage()),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    completion = await collect(state, generation, request)
+    if completion is None:  # the client left; nobody reads this
+        return JSONResponse(error_body("client disconnected", "invalid_request_error"), 499)
+    choice = (chat_choice if chat else text_choice)(completion.text, completion.finish_reason)
+    return response_body(new_id("chatcmpl" if chat else "cmpl"), "chat.completion" if chat else "text_completion",
+                         body.model, [choice], usage(completion.prompt_tokens, completion.completion_tokens))

@@ -1,0 +1,355 @@
+"""Continuous batching: many requests, each with its own adapter (or mix, or none), one base model.
+
+A scheduler thread repeats:  admit newcomers (prefill them together)  →  one decode step for every
+running row  →  drop finished rows. A request submitted mid-generation joins at the next step.
+
+The batch and its KV cache (one transformers DynamicCache, LEFT padded):
+
+               cache columns (oldest → newest)            attention_mask     position of next token
+    row 0   [ k k k k k k k k k k k k ]                  1 1 1 1 1 1 1 1 1 1 1 1      12
+    row 1   [ · · · · · k k k k k k k ]                  0 0 0 0 0 1 1 1 1 1 1 1       7
+    row 2   [ · · · · · · · · · k k k ]  (joined late)   0 0 0 0 0 0 0 0 0 1 1 1       3
+
+    keys/values per layer: [rows, kv_heads, columns, head_dim]; `·` = zero padding, masked out.
+
+- Prefill: newcomers are left-padded to their longest prompt and run in one forward with a fresh
+  cache; their first token is sampled from it.
+- Join: both caches are left-padded to the same column count and concatenated along the batch.
+- Decode: every row feeds its last token with position_ids = its count of real tokens and the mask
+  extended by one column, so a row computes exactly what it would compute alone (padding is masked
+  and positions are its own).
+- Leave: finished or cancelled rows are dropped with index_select; columns that are padding in
+  every remaining row are trimmed from the left.
+
+Each row carries a Route (its adapter slots and weights, see serve/routed.py); the bank routes the
+whole batch once per forward. The forward runs under `bank.lock`, so adapters loaded, replaced or
+evicted meanwhile are never seen half-written.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from deltaw.lora import check_adapter_name
+from deltaw.serve.bank import AdapterBank, AdapterChoice, UnknownAdapterError
+from deltaw.serve.batch import join, keep_rows, prompt_batch
+from deltaw.serve.requests import Completion, EngineStats, RequestHandle, TokenEvent, summarize  # noqa: F401 (re-exported)
+from deltaw.serve.routed import Route
+from deltaw.serve.sampling import SamplingParams, TextStream, sample_token
+
+__all__ = [
+    "Completion", "Engine", "RequestHandle", "SamplingParams", "TokenEvent", "UnknownAdapterError",
+    "parse_adapter_choice", "summarize",
+]
+
+
+@dataclass
+class _Row:
+    """A running request: its handle, route, sampling state and real-token count in the cache."""
+
+    handle: RequestHandle
+    route: Route
+    params: SamplingParams
+    generator: torch.Generator | None
+    stream: TextStream
+    prompt_ids: list[int]
+    length: int = 0  # real tokens in the cache for this row
+    last_token: int = -1
+    finished: bool = False
+
+
+class Engine:
+    """Batched generation for many adapters on one base model, with continuous batching.
+
+    Args:
+        model: the base causal LM the bank wraps (fp32 by default; a bf16 model runs in bf16).
+        tokenizer: its tokenizer (decodes output; gives EOS).
+        bank: the AdapterBank built on `model`.
+        max_batch_size: most rows decoded together; later requests wait for a free row.
+        max_model_len: most tokens (prompt + max_tokens) a request may use.
+
+    Attributes:
+        eos_ids: token ids that end a request with finish_reason "stop" (the generation config's and
+            the tokenizer's EOS); set it to set() to always generate max_tokens (benchmarks).
+    """
+
+    def __init__(
+        self, model: nn.Module, tokenizer, bank: AdapterBank, max_batch_size: int = 16, max_model_len: int = 2048
+    ) -> None:
+        if bank.model is not model:
+            raise ValueError("the bank must be built on the same model object: AdapterBank(model)")
+        if max_batch_size < 1 or max_model_len < 2:
+            raise ValueError(f"need max_batch_size >= 1 and max_model_len >= 2, found {max_batch_size}, {max_model_len}")
+        self.model, self.tokenizer, self.bank = model.eval(), tokenizer, bank
+        self.max_batch_size, self.max_model_len = max_batch_size, max_model_len
+        self.vocab_size = model.get_input_embeddings().weight.shape[0]
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._waiting: deque[_Row] = deque()
+        self._rows: list[_Row] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None
+        self._wakeup = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._ids = itertools.count(1)
+        self._stats = EngineStats()
+
+    # ----------------------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Start the scheduler thread (idempotent)."""
+        if self._thread is None or not self._thread.is_alive():
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="deltaw-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        """Stop the scheduler; requests still waiting or running end with finish_reason "cancelled"."""
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        for row in [*self._waiting, *self._rows]:
+            self._finish(row, "cancelled", None)
+        self._waiting.clear()
+        self._rows, self._cache, self._mask = [], None, None
+
+    def __enter__(self) -> Engine:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # ----------------------------------------------------------------------------- requests
+    def submit(self, prompt_ids: list[int], adapter: AdapterChoice, params: SamplingParams) -> RequestHandle:
+        """Queue a request; raises UnknownAdapterError or ValueError (bad input) before queueing."""
+        self._check_prompt(prompt_ids, params)
+        route = self.bank.acquire(adapter)
+        handle = RequestHandle(f"req-{next(self._ids)}", len(prompt_ids))
+        row = _Row(handle, route, params, params.generator(), TextStream(self.tokenizer, list(params.stop)),
+                   list(prompt_ids))
+        with self._wakeup:
+            if self._stopping:
+                self.bank.release(route)
+                raise RuntimeError("the engine is shut down")
+            self._waiting.append(row)
+            self._stats.submitted(len(prompt_ids))
+            self._wakeup.notify_all()
+        return handle
+
+    def _check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        params.check()
+        if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.vocab_size for i in prompt_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model length "
+                f"limit of {self.max_model_len} tokens; shorten the prompt or lower max_tokens"
+            )
+
+    def stats(self) -> dict:
+        """Counters and latency summaries (seconds) for /metrics."""
+        with self._wakeup:
+            running, waiting = len(self._rows), len(self._waiting)
+        return {**self._stats.snapshot(), "requests_running": running, "requests_waiting": waiting,
+                "adapters_resident": len(self.bank.resident())}
+
+    # ----------------------------------------------------------------------------- scheduler
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wakeup:
+                    while not self._stopping and not self._waiting and not self._rows:
+                        self._wakeup.wait()
+                    if self._stopping:
+                        return
+                try:
+                    self._step()
+                except Exception as exc:  # noqa: BLE001 - fail the batch's requests, keep serving
+                    self._fail_all(exc)
+
+    def _step(self) -> None:
+        """Admit newcomers (prefill), run one decode step, drop finished rows."""
+        self._drop_cancelled()
+        newcomers = self._take_newcomers()
+        if newcomers:
+            self._prefill(newcomers)
+        if self._rows:
+            self._decode()
+
+    def _take_newcomers(self) -> list[_Row]:
+        with self._wakeup:
+            free = self.max_batch_size - len(self._rows)
+            newcomers = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+        for row in newcomers:
+            if row.handle.cancelled:
+                self._finish(row, "cancelled", None)
+        return [row for row in newcomers if not row.finished]
+
+    def _prefill(self, newcomers: list[_Row]) -> None:
+        """Run the newcomers' prompts (left-padded together), sample their first tokens, join the batch.
+        If the forward fails, only the newcomers end (finish_reason "error"); the batch runs on."""
+        input_ids, mask, positions = prompt_batch([row.prompt_ids for row in newcomers], self.pad_id)
+        cache = DynamicCache()
+        try:
+            logits = self._forward(newcomers, input_ids, mask, positions, cache)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory for one long prompt
+            for row in newcomers:
+                self._finish(row, "error", exc)
+            return
+        for row in newcomers:
+            row.length = len(row.prompt_ids)
+        with self._wakeup:
+            self._cache, self._mask = join(self._cache, self._mask, cache, mask)
+            self._rows += newcomers
+        self._sample(newcomers, logits, first=True)
+        self._drop_finished()
+
+    def _decode(self) -> None:
+        rows = self._rows
+        input_ids = torch.tensor([[row.last_token] for row in rows], dtype=torch.long)
+        positions = torch.tensor([[row.length] for row in rows], dtype=torch.long)
+        self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
+        logits = self._forward(rows, input_ids, self._mask, positions, self._cache)
+        for row in rows:
+            row.length += 1
+        self._sample(rows, logits, first=False)
+        self._drop_finished()
+
+    def _forward(self, rows: list[_Row], input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 cache: DynamicCache) -> torch.Tensor:
+        """Last-position logits [rows, vocab] with each row routed to its adapters; the cache grows."""
+        device = self.model.get_input_embeddings().weight.device
+        with self.bank.lock:
+            self.bank.set_routing([row.route for row in rows])
+            output = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                position_ids=positions.to(device), past_key_values=cache, use_cache=True,
+                                logits_to_keep=1)
+        return output.logits[:, -1, :].float().cpu()
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor, first: bool) -> None:
+        greedy = logits.argmax(dim=-1).tolist()
+        for index, row in enumerate(rows):
+            if row.params.temperature == 0:
+                token = greedy[index]
+            else:
+                token = sample_token(logits[index], row.params, row.generator)
+            row.last_token = token
+            if first:
+                self._stats.first_token(time.perf_counter() - row.handle.submitted)
+            self._advance(row, token)
+
+    def _advance(self, row: _Row, token: int) -> None:
+        """Emit `token`'s event: its new text, and the finish reason if it ends the request."""
+        if token in self.eos_ids:
+            text, reason = row.stream.flush(), "stop"
+        else:
+            text = row.stream.push(token)
+            reason = "stop" if row.stream.stopped else None
+            if reason is None and row.handle.completion_tokens + 1 >= row.params.max_tokens:
+                text, reason = text + row.stream.flush(), "length"
+        row.handle._emit(TokenEvent(text, token, reason))
+        if reason is not None:
+            self._close(row)
+
+    def _finish(self, row: _Row, reason: str, error: BaseException | None) -> None:
+        """End `row`'s request without a token (cancelled, failed, shut down)."""
+        if row.finished:
+            return
+        row.handle.error = error
+        row.handle._emit(TokenEvent(row.stream.flush() if error is None else "", None, reason))
+        self._close(row)
+
+    def _close(self, row: _Row) -> None:
+        row.finished = True
+        self.bank.release(row.route)
+        self._stats.finished(row.handle)
+
+    def _drop_cancelled(self) -> None:
+        """End cancelled requests, running or still waiting."""
+        with self._wakeup:
+            waiting = [row for row in self._waiting if row.handle.cancelled]
+            for row in waiting:
+                self._waiting.remove(row)
+        for row in [*waiting, *self._rows]:
+            if row.handle.cancelled:
+                self._finish(row, "cancelled", None)
+        self._drop_finished()
+
+    def _drop_finished(self) -> None:
+        """Remove finished rows from the batch and its cache."""
+        keep = [index for index, row in enumerate(self._rows) if not row.finished]
+        if len(keep) == len(self._rows):
+            return
+        with self._wakeup:
+            if keep:
+                self._cache, self._mask = keep_rows(self._cache, self._mask, keep)
+            else:
+                self._cache = self._mask = None
+            self._rows = [self._rows[index] for index in keep]
+
+    def _fail_all(self, error: Exception) -> None:
+        """The forward failed: end every running request with finish_reason "error" and start afresh."""
+        for row in self._rows:
+            self._finish(row, "error", error)
+        with self._wakeup:
+            self._rows, self._cache, self._mask = [], None, None
+
+
+def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
+    """Token ids that end generation: the generation config's eos_token_id(s) and the tokenizer's."""
+    ids: set[int] = set()
+    config = getattr(model, "generation_config", None)
+    for value in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value is not None:
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def parse_adapter_choice(text: str, base_name: str) -> AdapterChoice:
+    """A request's `model` field as an adapter choice.
+
+    "pirate" -> "pirate"; `base_name` -> None; "pirate*0.5+robot*0.5" -> {"pirate": 0.5, "robot": 0.5}
+    ("robot" alone in a mix means weight 1). A plain name is returned as is (the bank decides whether
+    it exists); a malformed mix is a ValueError.
+    """
+    text = text.strip()
+    if text == base_name:
+        return None
+    if "*" not in text and "+" not in text:
+        return text
+    mix: dict[str, float] = {}
+    for part in text.split("+"):
+        name, _, weight = (piece.strip() for piece in part.partition("*"))
+        if name == base_name:
+            raise ValueError(f"{text!r}: the base model {base_name!r} cannot be part of a mix (it adds no delta)")
+        check_adapter_name(name)
+        if name in mix:
+            raise ValueError(f"{text!r}: adapter {name!r} appears twice in the mix")
+        mix[name] = _mix_weight(text, weight) if "*" in part else 1.0
+    return mix
+
+
+def _mix_weight(text: str, weight: str) -> float:
+    try:
+        value = float(weight)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r}: weight {weight!r} is not a finite number; write a mix like 'pirate*0.5+robot*0.5'")
+    return value
