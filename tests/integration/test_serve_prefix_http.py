@@ -45,3 +45,5 @@ def test_prefix_and_lora_requests_served_together_equal_their_solo_answers(clien
         together = list(pool.map(lambda request: complete(client, *request), requests))
     assert together == alone
     assert {model.id for model in client.models.list().data} == {"tiny", *SERVED}
+    with pytest.raises(openai.BadRequestError, match="'prefix' is a prefix adapter, which cannot be part of a weighted"):
+        complete(client, "prefix*0.5+lora*0.5", PROMPTS[0])
