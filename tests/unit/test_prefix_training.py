@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import deltaw
-from deltaw import train as train_module
 from deltaw.checkpoint import latest_checkpoint
 from deltaw.metrics import read_metrics
 from deltaw.prefix import prefix_values
 from deltaw.train import TrainConfig, train
 from tests.conftest import chat, write_jsonl
+from tests.unit.test_training import interrupted_at_step
 
 
 @pytest.fixture
@@ -46,19 +46,7 @@ def test_projection_run_resumed_after_interruption_gives_the_uninterrupted_losse
                                                                                   monkeypatch):
     settings = dict(prefix_projection=True, projection_hidden=16, save_every=3)
     train(config(tiny_model_dir, data, tmp_path / "straight", **settings))
-    real = train_module._optimizer_step
-    calls = {"n": 0}
-
-    def crash_at_step_8(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "_optimizer_step", crash_at_step_8)
-    with pytest.raises(KeyboardInterrupt):
-        train(config(tiny_model_dir, data, tmp_path / "resumed", **settings))
-    monkeypatch.setattr(train_module, "_optimizer_step", real)
+    interrupted_at_step(8, monkeypatch, lambda: train(config(tiny_model_dir, data, tmp_path / "resumed", **settings)))
     assert latest_checkpoint(tmp_path / "resumed").name == "step-000006"
     train(config(tiny_model_dir, data, tmp_path / "resumed", resume=True, **settings))
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
