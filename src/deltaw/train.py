@@ -37,9 +37,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 SCHEDULES = ("cosine", "linear", "constant")
 METHODS = ("lora", "prefix")
 # Fields a resumed run must share with the run it continues.
-RESUME_FIELDS = ("model", "method", "rank", "alpha", "targets", "exclude", "use_rslora", "num_virtual_tokens",
-                 "prefix_projection", "projection_hidden", "prefix_init", "batch_size", "grad_accum", "lr",
+RESUME_FIELDS = ("model", "method", "rank", "alpha", "targets", "exclude", "use_rslora", "batch_size", "grad_accum", "lr",
                  "warmup", "schedule", "seq_len", "dtype", "seed", "packing", "weight_decay", "steps", "epochs")
+PREFIX_RESUME_FIELDS = ("num_virtual_tokens", "prefix_projection", "projection_hidden", "prefix_init")
 
 
 class TrainingError(RuntimeError):
@@ -361,7 +361,8 @@ def _check_out_dir(out: Path, resume: bool) -> Path | None:
 def _resume(path, model, optimizer, scheduler, config: TrainConfig, dataset: Dataset) -> dict:
     state = load_checkpoint(path, model, ADAPTER, optimizer, scheduler)
     saved, current = state["config"], _run_config(config, dataset)
-    changed = [key for key in (*RESUME_FIELDS, "data_sha256") if saved.get(key) != current.get(key)]
+    fields = (*RESUME_FIELDS, *(PREFIX_RESUME_FIELDS if config.method == "prefix" else ()), "data_sha256")
+    changed = [key for key in fields if saved.get(key) != current.get(key)]
     if changed:
         raise TrainingError(f"--resume: {path} was made with other settings: "
                             + ", ".join(f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
