@@ -203,7 +203,7 @@ def choose_attention(model, seq_len: int, dtype: str) -> str:
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Train a LoRA adapter as `config` says; see the module docstring."""
+    """Train the adapter `config.method` names (LoRA or prefix) as `config` says; see the module docstring."""
     config.check()
     tune_malloc_for_reuse()
     out = Path(config.out)
