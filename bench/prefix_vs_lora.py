@@ -4,12 +4,11 @@ Both adapters are trained by `deltaw.train` with the persona demo's settings (ex
 2 epochs, batch 8, sequence length 256, bf16, 5 warm-up steps, seed 0), on the same 90% of
 examples/personas/pirate.jsonl (the other 10% is the validation set), so both take the same number of
 steps. LoRA: r=16, alpha=32 on all linear layers, lr 1e-3 (the demo's). Prefix: 20 virtual tokens,
-initialised from the base model's keys/values of the first training tokens, lr 1e-2 (and once at the
-LoRA lr, to show that the rate matters). Adherence: the fraction of greedy answers to the 51 held-out
+initialised from the base model's keys/values of the first training tokens, lr 1e-2. Adherence: the fraction of greedy answers to the 51 held-out
 questions (examples/personas/heldout.jsonl, 48 new tokens) that carry the pirate signature
 (examples/personas/personas.py). Tokens/s: the median training throughput over the run's steps.
 
-    .venv/bin/python bench/prefix_vs_lora.py [--out prefix-vs-lora]
+    .venv/bin/python bench/prefix_vs_lora.py [--out prefix-vs-lora] [--threads N]
 """
 
 from __future__ import annotations
@@ -25,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "examples" / "personas"))
 
+import torch  # noqa: E402
+
 import deltaw  # noqa: E402
 from deltaw.adapter import is_prefix_adapter_dir, read_adapter  # noqa: E402
 from deltaw.generation import answer_questions  # noqa: E402
@@ -39,7 +40,6 @@ COMMON = {key: value for key, value in SETTINGS.items() if key not in ("lr", "ra
 RUNS = {
     "LoRA r=16 (lr 1e-3)": dict(method="lora", lr=1e-3, rank=16, alpha=32.0),
     "prefix 20 tokens (lr 1e-2)": dict(method="prefix", lr=1e-2, num_virtual_tokens=20),
-    "prefix 20 tokens (lr 1e-3)": dict(method="prefix", lr=1e-3, num_virtual_tokens=20),
 }
 
 
@@ -59,7 +59,10 @@ def trained(name: str, settings: dict, out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="prefix-vs-lora")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     rows = [trained(name, settings, out / f"adapter-{index}") for index, (name, settings) in enumerate(RUNS.items())]
     model, tokenizer = deltaw.load_model(deltaw.BUNDLED_NAME)
