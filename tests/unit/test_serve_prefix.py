@@ -66,8 +66,10 @@ def test_prefix_and_lora_requests_in_one_batch_each_give_their_solo_output(engin
 def test_the_bank_lists_prefix_adapters_and_refuses_them_in_a_mix(engine):
     assert engine.bank.names() == ["full", "pirate", "short"]
     assert "pirate" in engine.bank.resident()
+    before = engine.bank.memory_bytes()["adapters"]
     with pytest.raises(ValueError, match="'pirate' is a prefix adapter, which cannot be part of a weighted mix"):
         engine.submit([1, 2], {"pirate": 0.5, "full": 0.5}, GREEDY)
     engine.bank.unload("pirate")
+    assert before - engine.bank.memory_bytes()["adapters"] == 6 * 2 * 2 * 2 * 16 * 4  # T x layers x K,V x heads x d, fp32
     with pytest.raises(KeyError, match="no adapter named 'pirate'"):
         engine.submit([1, 2], "pirate", GREEDY)

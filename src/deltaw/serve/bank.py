@@ -211,13 +211,17 @@ class AdapterBank:
             return sorted(name for name, known in self._known.items() if known.pinned)
 
     def memory_bytes(self) -> dict[str, int]:
-        """{"base": model parameters and buffers, "adapters": the slot buffers, "resident": adapters in slots}."""
+        """{"base": model parameters and buffers, "adapters": the slot buffers and prefix adapters,
+        "resident": resident adapters}."""
         adapter_tensors = {id(t) for layer in self.layers.values() for t in (layer.lora_a, layer.lora_bt, layer.scaling)
                            if t is not None}
         tensors = {id(t): t for t in [*self.model.parameters(), *self.model.buffers()]}
         size = {key: t.numel() * t.element_size() for key, t in tensors.items()}
         adapters = sum(value for key, value in size.items() if key in adapter_tensors)
-        return {"base": sum(size.values()) - adapters, "adapters": adapters, "resident": len(self.resident())}
+        with self.lock:
+            prefixes = sum(t.numel() * t.element_size() for t in self._prefixes.values())
+        return {"base": sum(size.values()) - adapters, "adapters": adapters + prefixes,
+                "resident": len(self.resident())}
 
     # ----------------------------------------------------------------------------- routing
     def resolve(self, choice: AdapterChoice) -> None:
