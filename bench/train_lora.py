@@ -11,7 +11,10 @@ warm-up steps, then times steps and reports its peak resident memory (VmHWM), so
 are per framework, not mixed. bf16 means: base weights bf16 and autocast bf16, adapter weights and
 optimizer state fp32, for both.
 
-    .venv/bin/python bench/train_lora.py [--rounds 2] [--steps 4] [--warmup 2]
+    .venv/bin/python bench/train_lora.py [--rounds 2] [--steps 4] [--warmup 2] [--threads N] [--dtypes bf16 fp32]
+
+CPU s/step is the worker's process time per step: on a machine shared with other work it grows far
+less than wall time, so its ratio is the steadier comparison when the two disagree.
 """
 
 from __future__ import annotations
@@ -50,21 +53,28 @@ def peak_rss_kib() -> int:
         return int(next(line for line in status if line.startswith("VmHWM")).split()[1])
 
 
-def worker(framework: str, dtype_name: str, steps: int, warmup: int) -> dict:
+def prepared(framework: str, dtype_name: str, count: int) -> tuple[torch.nn.Module, list[dict], torch.dtype]:
+    """The bundled model in `dtype_name`, `count` batches, and, for "deltaw" and "peft+settings", deltaw's
+    allocator setting and attention choice."""
     import deltaw
-    from deltaw.losses import lm_loss_sum
     from deltaw.runtime import tune_malloc_for_reuse
     from deltaw.train import choose_attention
 
     if framework in ("deltaw", "peft+settings"):
         tune_malloc_for_reuse()
-
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     model, tokenizer = deltaw.load_model(deltaw.BUNDLED_NAME, dtype=dtype)
     model.config.use_cache = False
-    data = batches(tokenizer, steps + warmup)
     if framework in ("deltaw", "peft+settings"):
         choose_attention(model, SEQ, dtype_name)
+    return model, batches(tokenizer, count), dtype
+
+
+def worker(framework: str, dtype_name: str, steps: int, warmup: int) -> dict:
+    import deltaw
+    from deltaw.losses import lm_loss_sum
+
+    model, data, dtype = prepared(framework, dtype_name, steps + warmup)
     if framework == "deltaw":
         deltaw.add_lora(model, deltaw.LoRAConfig(rank=16, alpha=32), dtype=torch.float32)
 
@@ -78,34 +88,72 @@ def worker(framework: str, dtype_name: str, steps: int, warmup: int) -> dict:
 
         def loss_of(batch):
             return model(**batch).loss
-    model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     assert sum(p.numel() for p in params) == 4_884_480 and all(p.dtype == torch.float32 for p in params)
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    return timed_steps(model, loss_of, data, dtype, warmup, lr=1e-4)
+
+
+def timed_steps(model, loss_of, data: list[dict], dtype: torch.dtype, warmup: int, lr: float) -> dict:
+    """AdamW steps over `data` (autocast bf16 for a bf16 model); the wall and CPU seconds of the steps
+    after `warmup`, every loss, and the process's peak resident memory (MiB)."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     for index, batch in enumerate(data):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         with autocast:
             loss = loss_of(batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         losses.append(loss.item())
         if index >= warmup:
             times.append(elapsed)
-    peak_mib = peak_rss_kib() / 1024
-    return {"times": times, "losses": losses, "peak_mib": peak_mib}
+            cpu_times.append(cpu)
+    return {"times": times, "cpu_times": cpu_times, "losses": losses, "peak_mib": peak_rss_kib() / 1024}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def compare(script: str, frameworks: list[str], args: argparse.Namespace) -> None:
+    """Run `script`'s workers (one process each) for every dtype and round, alternating frameworks, and
+    print one table row per framework: medians of the timed steps, ratios against PEFT."""
+    print("| dtype | framework | s/step (median) | tokens/s | CPU s/step | peak RSS (MiB) | first-step loss "
+          "| tokens/s vs PEFT | CPU time vs PEFT |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for dtype in args.dtypes:
+        results: dict[str, list[dict]] = {framework: [] for framework in frameworks}
+        for _ in range(args.rounds):
+            for framework in results:
+                command = [sys.executable, script, "--worker", framework, dtype, "--steps", str(args.steps),
+                           "--warmup", str(args.warmup), "--threads", str(args.threads)]
+                output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+                results[framework].append(json.loads(output.strip().splitlines()[-1]))
+        wall = {f: statistics.median(t for r in rs for t in r["times"]) for f, rs in results.items()}
+        cpu = {f: statistics.median(t for r in rs for t in r["cpu_times"]) for f, rs in results.items()}
+        for framework, runs in results.items():
+            print(f"| {dtype} | {framework} | {wall[framework]:.2f} | {BATCH * SEQ / wall[framework]:,.0f} | "
+                  f"{cpu[framework]:.2f} | {max(r['peak_mib'] for r in runs):,.0f} | {runs[0]['losses'][0]:.4f} | "
+                  f"{wall['peft'] / wall[framework]:.2f}x | {cpu['peft'] / cpu[framework]:.2f}x |", flush=True)
+
+
+def bench_arguments(description: str) -> argparse.Namespace:
+    """The flags both training benchmarks take; a worker process also sets its torch threads here."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4, help="timed steps per worker")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per worker")
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
     parser.add_argument("--worker", nargs=2, metavar=("FRAMEWORK", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
+
+
+def main() -> None:
+    args = bench_arguments(__doc__.splitlines()[0])
     if args.worker:
         print(json.dumps(worker(*args.worker, args.steps, args.warmup)))
         return
@@ -113,23 +161,8 @@ def main() -> None:
 
     print(f"bundled SmolLM2-135M, LoRA r=16 alpha=32 all-linear, batch {BATCH}x{SEQ} tokens, AdamW; "
           f"{args.rounds} alternating rounds x {args.steps} timed steps after {args.warmup} warm-up steps per worker; "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, peft {peft.__version__}\n")
-    print("| dtype | framework | s/step (median) | tokens/s | peak RSS (MiB) | first-step loss | tokens/s vs PEFT |")
-    print("|---|---|---|---|---|---|---|")
-    for dtype in ("bf16", "fp32"):
-        results: dict[str, list[dict]] = {"deltaw": [], "peft": [], "peft+settings": []}
-        for _ in range(args.rounds):
-            for framework in results:
-                command = [sys.executable, __file__, "--worker", framework, dtype,
-                           "--steps", str(args.steps), "--warmup", str(args.warmup)]
-                output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-                results[framework].append(json.loads(output.strip().splitlines()[-1]))
-        medians = {f: statistics.median(t for r in rs for t in r["times"]) for f, rs in results.items()}
-        for framework, runs in results.items():
-            step = medians[framework]
-            print(f"| {dtype} | {framework} | {step:.2f} | {BATCH * SEQ / step:,.0f} | "
-                  f"{max(r['peak_mib'] for r in runs):,.0f} | {runs[0]['losses'][0]:.4f} | "
-                  f"{medians['peft'] / step:.2f}x |")
+          f"{args.threads} threads, torch {torch.__version__}, peft {peft.__version__}\n")
+    compare(__file__, ["deltaw", "peft", "peft+settings"], args)
 
 
 if __name__ == "__main__":

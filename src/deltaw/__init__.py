@@ -1,7 +1,7 @@
-"""deltaw: low-rank adapters for large language models: train, merge, switch and serve them on one frozen base."""
+"""deltaw: low-rank and prefix adapters for large language models: train, merge, switch and serve them on one frozen base."""
 
 from deltaw.adapter import AdapterFormatError, describe_adapter, load_adapter, read_adapter, save_adapter
-from deltaw.config import LoRAConfig
+from deltaw.config import LoRAConfig, PrefixConfig
 from deltaw.export import export_merged, unload
 from deltaw.lora import LoRALinear
 from deltaw.manage import (
@@ -22,6 +22,7 @@ from deltaw.nf4_linear import NF4Linear, linear_nf4
 from deltaw.plan import model_plan, shape_plan
 from deltaw.quantized import dequantize_model, merge_into_nf4, quantize_model, save_quantized
 from deltaw.serve import AdapterBank, Engine, SamplingParams
+from deltaw.prefix import PrefixReport, add_prefix, prefix_rows, prefix_values, set_prefix_rows
 from deltaw.svdtools import combine_adapters, extract_adapter, resize_adapter
 from deltaw.targets import TargetError
 
@@ -29,18 +30,21 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterBank",
-    "Engine",
-    "SamplingParams",
-    "BUNDLED_NAME",
     "AdapterFormatError",
+    "BUNDLED_NAME",
+    "Engine",
     "LoRAConfig",
     "LoRALinear",
     "LoRAReport",
     "ModelLoadError",
     "NF4Linear",
+    "PrefixConfig",
+    "PrefixReport",
+    "SamplingParams",
     "TargetError",
     "active_adapter",
     "add_lora",
+    "add_prefix",
     "combine_adapters",
     "deactivate_adapters",
     "delete_adapter",
@@ -57,12 +61,15 @@ __all__ = [
     "merge_into_nf4",
     "merged_adapter",
     "model_plan",
+    "prefix_rows",
+    "prefix_values",
     "quantize_model",
     "read_adapter",
     "resize_adapter",
     "save_adapter",
     "save_quantized",
     "set_adapter",
+    "set_prefix_rows",
     "shape_plan",
     "unload",
     "unmerge_adapter",

@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deltaw.config import LoRAConfig
+from deltaw.config import LoRAConfig, PrefixConfig
 from deltaw.fingerprint import fingerprint_mismatch, model_fingerprint
 from deltaw.lora import check_adapter_name, lora_scaling
 from deltaw.manage import AdapterRecord, lora_layers, registry, require_adapter, wrap_linear
@@ -32,6 +32,7 @@ from deltaw.targets import ALL_LINEAR, linear_modules, output_head
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
+PREFIX_TUNING = "PREFIX_TUNING"
 PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
 _LORA_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight")
 _UNSUPPORTED = {  # config key -> value deltaw supports
@@ -64,14 +65,17 @@ class AdapterFile:
 
 
 # --------------------------------------------------------------------------------------------- reading
-def read_adapter(path: str | os.PathLike) -> AdapterFile:
-    """Read and check an adapter directory on its own (no model needed)."""
+def read_adapter_dir(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """adapter_config.json (any peft_type) and the safetensors tensors of an adapter directory, as stored.
+
+    Pickle weight files are refused; a missing, non-JSON or truncated file is an AdapterFormatError.
+    """
     path = Path(path)
     if not path.is_dir():
         raise AdapterFormatError(
             f"{path}: not a directory; an adapter is a directory holding {CONFIG_FILE} and {WEIGHTS_FILE}"
         )
-    config = _read_config(path / CONFIG_FILE)
+    config = read_adapter_config(path)
     weights_file = path / WEIGHTS_FILE
     if not weights_file.is_file():
         pickled = [name for name in PICKLE_FILES if (path / name).exists()]
@@ -88,10 +92,12 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
         raise AdapterFormatError(
             f"{weights_file}: truncated or corrupt safetensors file ({exc}); save or copy the adapter again"
         ) from exc
-    return AdapterFile(path=path, config=config, weights=_pair_tensors(tensors, weights_file))
+    return config, tensors
 
 
-def _read_config(config_file: Path) -> dict:
+def read_adapter_config(path: str | os.PathLike) -> dict:
+    """The JSON object in `path`/adapter_config.json, whatever its peft_type."""
+    config_file = Path(path) / CONFIG_FILE
     if not config_file.is_file():
         raise AdapterFormatError(f"{config_file}: missing; an adapter directory needs {CONFIG_FILE}")
     try:
@@ -100,9 +106,31 @@ def _read_config(config_file: Path) -> dict:
         raise AdapterFormatError(f"{config_file}: not valid JSON ({exc})") from exc
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{config_file}: expected a JSON object, found {type(config).__name__}")
+    return config
+
+
+def is_prefix_adapter_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` holds a prefix-tuning adapter config (peft_type PREFIX_TUNING); False for anything
+    else, unreadable directories included (their readers give the precise error)."""
+    try:
+        return read_adapter_config(path).get("peft_type") == PREFIX_TUNING
+    except AdapterFormatError:
+        return False
+
+
+def read_adapter(path: str | os.PathLike) -> AdapterFile:
+    """Read and check a LoRA adapter directory on its own (no model needed)."""
+    path = Path(path)
+    config, tensors = read_adapter_dir(path)
+    _check_lora_config(config, path / CONFIG_FILE)
+    return AdapterFile(path=path, config=config, weights=_pair_tensors(tensors, path / WEIGHTS_FILE))
+
+
+def _check_lora_config(config: dict, config_file: Path) -> None:
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
-        raise AdapterFormatError(f"{config_file}: key 'peft_type': expected 'LORA', found {peft_type!r}")
+        hint = " (a prefix-tuning adapter: load it with load_adapter)" if peft_type == PREFIX_TUNING else ""
+        raise AdapterFormatError(f"{config_file}: key 'peft_type': expected 'LORA', found {peft_type!r}{hint}")
     for key, supported in _UNSUPPORTED.items():
         value = config.get(key, supported)
         if value != supported and value not in ([], {}):
@@ -119,7 +147,6 @@ def _read_config(config_file: Path) -> dict:
             f"{config_file}: key 'target_modules': expected a list of names or a regex string, "
             f"found {config.get('target_modules')!r}"
         )
-    return config
 
 
 def _pair_tensors(
@@ -198,7 +225,7 @@ def plan_load(
         ))
     _check_target_set(model, adapter, linears)
     if not ignore_fingerprint:
-        _check_fingerprint(model, adapter)
+        check_fingerprint(model, adapter.config, adapter.path / CONFIG_FILE)
     return planned
 
 
@@ -250,14 +277,15 @@ def _check_target_set(model: nn.Module, adapter: AdapterFile, linears: dict[str,
         )
 
 
-def _check_fingerprint(model: nn.Module, adapter: AdapterFile) -> None:
-    expected = (adapter.config.get("deltaw") or {}).get("fingerprint")
+def check_fingerprint(model: nn.Module, config: dict, config_file: Path) -> None:
+    """Raise AdapterFormatError if the adapter's recorded base-model fingerprint differs from `model`'s."""
+    expected = (config.get("deltaw") or {}).get("fingerprint")
     if not expected:
         return  # written by another tool: the shape checks above are all there is to go on
     differences = fingerprint_mismatch(expected, model_fingerprint(model))
     if differences:
         raise AdapterFormatError(
-            f"{adapter.path / CONFIG_FILE}: the adapter was made for another base model ("
+            f"{config_file}: the adapter was made for another base model ("
             + "; ".join(differences)
             + "). Load it on the model it was trained on, or pass ignore_fingerprint=True "
             "(--ignore-fingerprint) if you know the bases are compatible"
@@ -275,8 +303,13 @@ def load_adapter(
     """Load the adapter in directory `path` onto `model` as `name` (not activated: see set_adapter).
 
     Everything is read and checked first; a rejected file leaves the model exactly as it was.
-    Tensors take each base weight's dtype unless `dtype` is given.
+    Tensors take each base weight's dtype unless `dtype` is given. Prefix-tuning adapters (peft_type
+    PREFIX_TUNING) are loaded by deltaw.prefix_files.load_prefix_adapter.
     """
+    if is_prefix_adapter_dir(path):
+        from deltaw.prefix_files import load_prefix_adapter  # imports this module
+
+        return load_prefix_adapter(model, path, name, ignore_fingerprint=ignore_fingerprint, dtype=dtype)
     check_adapter_name(name)
     if name in registry(model).adapters:
         raise ValueError(f"adapter {name!r} is already loaded; delete_adapter(model, {name!r}) first or pick another name")
@@ -312,8 +345,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str, metadata:
     """Write adapter `name` to directory `path` in PEFT's layout; each file is replaced atomically.
 
     `metadata` is merged into the config's "deltaw" section (e.g. how the adapter was trained).
+    Prefix adapters are written by deltaw.prefix_files.save_prefix_adapter.
     """
     record = require_adapter(model, name)
+    if isinstance(record.config, PrefixConfig):
+        from deltaw.prefix_files import save_prefix_adapter  # imports this module
+
+        return save_prefix_adapter(model, path, name, metadata)
     layers = {module: layer for module, layer in lora_layers(model) if name in layer.lora_A}
     cfg = record.config
     deltaw = {key: value for key, value in record.metadata.items() if key != "fingerprint"}
@@ -337,8 +375,14 @@ def write_adapter(path: str | os.PathLike, weights: dict[str, tuple[torch.Tensor
     """Write module -> (A [r, in], B [out, r]) and `config` as a PEFT-layout directory, each file atomically."""
     tensors = {}
     for module, (lora_a, lora_b) in weights.items():
-        tensors[f"{KEY_PREFIX}{module}.lora_A.weight"] = lora_a.detach().cpu().contiguous()
-        tensors[f"{KEY_PREFIX}{module}.lora_B.weight"] = lora_b.detach().cpu().contiguous()
+        tensors[f"{KEY_PREFIX}{module}.lora_A.weight"] = lora_a
+        tensors[f"{KEY_PREFIX}{module}.lora_B.weight"] = lora_b
+    return write_adapter_files(path, tensors, config)
+
+
+def write_adapter_files(path: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> Path:
+    """Write `tensors` (safetensors) and `config` (JSON) into directory `path`, each file atomically."""
+    tensors = {key: tensor.detach().cpu().contiguous() for key, tensor in tensors.items()}
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     weights_tmp = path / f".{WEIGHTS_FILE}.tmp"
@@ -415,6 +459,10 @@ def target_modules_for(linear_names: list[str], modules: list[str]) -> list[str]
 # --------------------------------------------------------------------------------------------- inspecting
 def describe_adapter(path: str | os.PathLike) -> str:
     """A human-readable summary of the adapter in `path`: config, targets, ranks, size, fingerprint."""
+    if is_prefix_adapter_dir(path):
+        from deltaw.prefix_files import describe_prefix_adapter  # imports this module
+
+        return describe_prefix_adapter(path)
     adapter = read_adapter(path)
     config = adapter.config
     ranks = Counter(a.shape[0] for a, _ in adapter.weights.values())

@@ -2,6 +2,7 @@
 
     OUT/checkpoints/step-000050/
         adapter_config.json, adapter_model.safetensors   the adapter (PEFT layout)
+        parameters.safetensors                           the trainable parameters by name (what resume restores)
         optimizer.safetensors                            AdamW moments and step per parameter name
         rng.safetensors                                  torch CPU (and CUDA) generator states
         state.json                                       step, data position, scheduler, param groups, run config
@@ -27,6 +28,7 @@ from deltaw.adapter import read_adapter, save_adapter
 from deltaw.manage import lora_layers
 
 LATEST = "latest"
+PARAMETERS_FILE = "parameters.safetensors"
 
 
 class CheckpointError(RuntimeError):
@@ -54,6 +56,9 @@ def save_checkpoint(
     shutil.rmtree(staging, ignore_errors=True)
     save_adapter(model, staging, adapter)
     names = parameter_names(model, optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    save_file({name: param.detach().cpu().contiguous() for name, param in zip(names, params)},
+              str(staging / PARAMETERS_FILE))
     save_file(optimizer_tensors(optimizer, names), str(staging / "optimizer.safetensors"))
     save_file(rng_tensors(), str(staging / "rng.safetensors"))
     record = {
@@ -92,8 +97,11 @@ def load_checkpoint(
 ) -> dict:
     """Restore adapter weights, optimizer, scheduler and RNG from `path`; return its state dict."""
     state = json.loads((path / "state.json").read_text())
-    restore_adapter_weights(model, adapter, read_adapter(path).weights)
     names = parameter_names(model, optimizer)
+    if (path / PARAMETERS_FILE).is_file():
+        restore_parameters(model, names, load_file(str(path / PARAMETERS_FILE)))
+    else:  # a LoRA checkpoint written before parameters.safetensors existed
+        restore_adapter_weights(model, adapter, read_adapter(path).weights)
     tensors = load_file(str(path / "optimizer.safetensors"))
     optimizer.load_state_dict({
         "state": {
@@ -120,6 +128,16 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> dic
         for part, value in optimizer.state.get(param, {}).items():
             tensors[f"{name}.{part}"] = value.detach().cpu().contiguous()
     return tensors
+
+
+def restore_parameters(model: nn.Module, names: list[str], tensors: dict[str, torch.Tensor]) -> None:
+    """Copy the checkpoint's trainable parameters (by model parameter name) into `model`."""
+    params = dict(model.named_parameters())
+    for name in names:
+        if name not in tensors or tensors[name].shape != params[name].shape:
+            raise CheckpointError(f"checkpoint lacks parameter {name!r} (or holds another shape); it belongs to "
+                                  "another run (other --method or adapter settings?)")
+        params[name].data.copy_(tensors[name])
 
 
 def restore_adapter_weights(

@@ -12,6 +12,7 @@ import torch
 
 from deltaw.adapter import AdapterFormatError, describe_adapter, load_adapter, read_adapter
 from deltaw.checkpoint import CheckpointError
+from deltaw.config import PREFIX_INITS
 from deltaw.data import DataError, load_jsonl
 from deltaw.export import export_merged, unload
 from deltaw.generation import chat_inputs, generate, load_with_adapters, parse_adapter_spec
@@ -85,7 +86,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    """Train a LoRA adapter on a JSONL file."""
+    """Train a LoRA or prefix adapter on a JSONL file."""
     fields = {f for f in TrainConfig.__dataclass_fields__}
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
     config.progress = not args.no_progress
@@ -193,7 +194,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory for the adapter, metrics and checkpoints")
     parser.add_argument("--model", default=BUNDLED_NAME, help=f"base model (default {BUNDLED_NAME})")
     parser.add_argument("--method", choices=METHODS, default=_default("method"), help="what to train")
-    lora = parser.add_argument_group("adapter")
+    lora = parser.add_argument_group("LoRA (--method lora)")
     lora.add_argument("--rank", type=int, default=_default("rank"))
     lora.add_argument("--alpha", type=float, default=_default("alpha"))
     lora.add_argument("--dropout", type=float, default=_default("dropout"))
@@ -201,6 +202,16 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
                       help="'all-linear' (default) or regexes full-matched against module names")
     lora.add_argument("--exclude", nargs="+", default=None, help="regexes of modules to leave out")
     lora.add_argument("--use-rslora", action="store_true", default=None)
+    prefix = parser.add_argument_group("prefix (--method prefix)")
+    prefix.add_argument("--num-virtual-tokens", type=int, default=_default("num_virtual_tokens"),
+                        help="key/value vectors prepended at every attention layer")
+    prefix.add_argument("--prefix-projection", action="store_true", default=None,
+                        help="train the prefixes through an MLP (the saved adapter holds the final prefixes)")
+    prefix.add_argument("--projection-hidden", type=int, default=_default("projection_hidden"),
+                        help="hidden size of the --prefix-projection MLP")
+    prefix.add_argument("--prefix-init", choices=PREFIX_INITS,
+                        help="'activations': the base model's keys/values of the first training tokens (default); "
+                             "'random': N(0, 1) as PEFT (the default with --prefix-projection)")
     length = parser.add_argument_group("length (one of)")
     length.add_argument("--steps", type=int, help="optimizer steps")
     length.add_argument("--epochs", type=float, help="passes over the data")
@@ -347,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--overwrite", action="store_true", help="write into a non-empty --out directory")
     quantize.set_defaults(func=cmd_quantize)
 
-    train_parser = commands.add_parser("train", help="train a LoRA adapter on JSONL data")
+    train_parser = commands.add_parser("train", help="train a LoRA, QLoRA or prefix-tuning adapter on JSONL data")
     _add_train_flags(train_parser)
     train_parser.set_defaults(func=cmd_train)
 

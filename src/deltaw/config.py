@@ -58,3 +58,40 @@ class LoRAConfig:
         data["targets"] = self.targets if isinstance(self.targets, str) else list(self.targets)
         data["exclude"] = list(self.exclude)
         return data
+
+
+PREFIX_INITS = ("random", "activations")
+
+
+@dataclass(frozen=True)
+class PrefixConfig:
+    """How to build a prefix-tuning adapter.
+
+    Attributes:
+        num_virtual_tokens: T, the number of key/value vectors prepended at every attention layer.
+        projection_hidden: train the prefixes through an MLP (embedding [T, token_dim] -> Linear ->
+            Tanh -> Linear -> [T, layers·2·token_dim]) with this hidden size, as in the prefix-tuning
+            paper; None trains the prefixes directly. Files always hold the final prefixes.
+        init: "random" (N(0, 1), as PEFT's nn.Embedding) or "activations" (the base model's own keys
+            and values of T real tokens, so the prefix starts as a real prompt would).
+    """
+
+    num_virtual_tokens: int = 20
+    projection_hidden: int | None = None
+    init: str = "random"
+
+    def __post_init__(self) -> None:
+        for key in ("num_virtual_tokens", "projection_hidden"):
+            value = getattr(self, key)
+            if (value is not None or key == "num_virtual_tokens") and (
+                    isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"PrefixConfig.{key} must be a positive integer, found {value!r}")
+        if self.init not in PREFIX_INITS:
+            raise ValueError(f"PrefixConfig.init must be one of {PREFIX_INITS}, found {self.init!r}")
+        if self.init == "activations" and self.projection_hidden is not None:
+            raise ValueError("PrefixConfig: init='activations' sets the prefixes themselves, which a projection "
+                             "does not have; use init='random' with projection_hidden")
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict of the fields."""
+        return asdict(self)

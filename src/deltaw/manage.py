@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from deltaw.config import LoRAConfig
+from deltaw.config import LoRAConfig, PrefixConfig
 from deltaw.lora import LoRALinear, check_adapter_name, init_lora_weights
 from deltaw.nf4 import NF4Weight
 from deltaw.nf4_linear import NF4Linear
 from deltaw.targets import Selection, select_modules
 
 _REGISTRY_ATTR = "_deltaw_registry"
+PREFIX_STORE = "deltaw_prefixes"  # the submodule holding prefix adapters (deltaw.prefix)
 
 
 @dataclass
@@ -28,11 +29,12 @@ class AdapterRecord:
     """What the model knows of one adapter beyond its tensors.
 
     Attributes:
-        config: the LoRA hyper-parameters (targets as given or as read from a file).
+        config: the LoRA hyper-parameters (targets as given or as read from a file), or a prefix
+            adapter's PrefixConfig.
         metadata: extra facts carried to and from adapter_config.json (e.g. a training record).
     """
 
-    config: LoRAConfig
+    config: LoRAConfig | PrefixConfig
     metadata: dict = field(default_factory=dict)
 
 
@@ -185,6 +187,9 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     for _, layer in lora_layers(model):
         if name in layer.lora_A:
             layer.delete_adapter(name)
+    prefixes = getattr(model, PREFIX_STORE, None)
+    if prefixes is not None and name in prefixes:
+        del prefixes[name]
     reg = registry(model)
     del reg.adapters[name]
     if reg.active == name:
@@ -225,7 +230,9 @@ def merge_adapter(model: nn.Module, name: str) -> None:
     If another adapter is merged it is replaced (never stacked): each layer starts again from its
     kept unmerged weight, so the result equals a fresh merge of `name` bit for bit.
     """
-    require_adapter(model, name)
+    if isinstance(require_adapter(model, name).config, PrefixConfig):
+        raise ValueError(f"adapter {name!r} is a prefix adapter: it adds keys and values to attention and has no "
+                         "weight change to merge; use it unmerged with set_adapter(model, name)")
     for _, layer in lora_layers(model):
         if name in layer.lora_A:
             layer.merge_(name)

@@ -23,23 +23,25 @@ from tqdm.auto import tqdm
 
 from deltaw.adapter import save_adapter
 from deltaw.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from deltaw.config import LoRAConfig
+from deltaw.config import LoRAConfig, PrefixConfig
 from deltaw.data import IGNORE, Dataset, Example, collate, load_jsonl, pack, split_validation
 from deltaw.losses import lm_loss_sum
 from deltaw.manage import add_lora, registry
 from deltaw.metrics import MetricsLog, plot_losses
 from deltaw.models import BUNDLED_NAME, load_model
 from deltaw.nf4_linear import quantized_layers
+from deltaw.prefix import add_prefix
 from deltaw.quantized import quantization_record, quantize_model
 from deltaw.runtime import tune_malloc_for_reuse
 
 ADAPTER = "default"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 SCHEDULES = ("cosine", "linear", "constant")
-METHODS = ("lora", "qlora")
+METHODS = ("lora", "qlora", "prefix")
 # Fields a resumed run must share with the run it continues.
 RESUME_FIELDS = ("model", "method", "rank", "alpha", "targets", "exclude", "use_rslora", "batch_size", "grad_accum", "lr",
                  "warmup", "schedule", "seq_len", "dtype", "seed", "packing", "weight_decay", "steps", "epochs")
+PREFIX_RESUME_FIELDS = ("num_virtual_tokens", "prefix_projection", "projection_hidden", "prefix_init")
 
 
 class TrainingError(RuntimeError):
@@ -54,8 +56,13 @@ class TrainConfig:
         data: training JSONL file (see deltaw.data for the shapes).
         out: output directory: the final adapter, checkpoints/, metrics.jsonl, loss.png.
         model: base model (name, HF directory or .gguf).
-        method: what to train: "lora", or "qlora" (LoRA on a base whose target layers are stored as NF4).
+        method: what to train: "lora", "qlora" (LoRA on a base whose target layers are stored as NF4) or
+            "prefix" (prefix-tuning).
         rank, alpha, dropout, targets, exclude, use_rslora, init: the LoRA adapter (see LoRAConfig).
+        num_virtual_tokens, prefix_projection, projection_hidden, prefix_init: the prefix adapter (see
+            PrefixConfig; prefix_init "activations" (the default without projection) starts from the
+            base model's keys and values of the first training tokens, "random" (the default with
+            projection) from N(0, 1) as PEFT does).
         steps: optimizer steps; or epochs: passes over the training data (one of the two).
         batch_size: examples per micro-batch; grad_accum: micro-batches per optimizer step.
         lr, warmup, schedule, weight_decay, max_grad_norm: AdamW and its learning-rate schedule
@@ -83,6 +90,10 @@ class TrainConfig:
     exclude: list[str] = field(default_factory=list)
     use_rslora: bool = False
     init: str = "kaiming"
+    num_virtual_tokens: int = 20
+    prefix_projection: bool = False
+    projection_hidden: int = 512
+    prefix_init: str | None = None
     steps: int | None = None
     epochs: float | None = None
     batch_size: int = 4
@@ -125,6 +136,16 @@ class TrainConfig:
             raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, found {self.dtype!r}")
         if self.val_data and self.val_split:
             raise ValueError("give --val-data or --val-split, not both")
+        if self.method == "prefix" and self.prefix_projection and self.prefix_init == "activations":
+            raise ValueError("--prefix-projection trains the prefixes through an MLP, which --prefix-init "
+                             "activations cannot set; add --prefix-init random")
+        if self.method == "prefix":
+            self.prefix()  # checks the prefix settings
+
+    def prefix(self) -> PrefixConfig:
+        init = self.prefix_init or ("random" if self.prefix_projection else "activations")
+        return PrefixConfig(num_virtual_tokens=self.num_virtual_tokens, init=init,
+                            projection_hidden=self.projection_hidden if self.prefix_projection else None)
 
     def lora(self) -> LoRAConfig:
         return LoRAConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets,
@@ -185,7 +206,7 @@ def choose_attention(model, seq_len: int, dtype: str) -> str:
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Train a LoRA adapter as `config` says; see the module docstring."""
+    """Train the adapter `config.method` names (LoRA or prefix) as `config` says; see the module docstring."""
     config.check()
     tune_malloc_for_reuse()
     out = Path(config.out)
@@ -194,7 +215,7 @@ def train(config: TrainConfig) -> TrainResult:
     model, tokenizer = load_model(config.model, dtype=DTYPES[config.dtype])
     train_examples, val_examples, dataset = _datasets(config, tokenizer)
     print(dataset.summary())
-    print(attach_adapter(model, config))
+    print(attach_adapter(model, config, train_examples))
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -250,8 +271,18 @@ def train(config: TrainConfig) -> TrainResult:
     return TrainResult(out, state["step"], loss, val_loss, state["tokens"], seconds)
 
 
-def attach_adapter(model, config: TrainConfig) -> object:
-    """Add the trainable adapter `config.method` names to `model`; returns a printable report."""
+def attach_adapter(model, config: TrainConfig, examples: list[Example] = ()) -> object:
+    """Add the trainable adapter `config.method` names to `model`; returns a printable report.
+
+    A prefix initialised from activations starts from the first `num_virtual_tokens` tokens of `examples`.
+    """
+    if config.method == "prefix":
+        prefix = config.prefix()
+        ids = torch.tensor([token for example in examples for token in example.input_ids][: prefix.num_virtual_tokens])
+        if prefix.init == "activations" and ids.numel() < prefix.num_virtual_tokens:
+            raise ValueError(f"--prefix-init activations needs {prefix.num_virtual_tokens} training tokens, the data "
+                             f"has {ids.numel()}; use --prefix-init random or fewer --num-virtual-tokens")
+        return add_prefix(model, prefix, name=ADAPTER, dtype=torch.float32, init_ids=ids)
     if config.method == "qlora" and not quantized_layers(model):
         print(quantize_model(model, config.lora().targets, config.lora().exclude))
     report = add_lora(model, config.lora(), name=ADAPTER, dtype=torch.float32)
@@ -339,7 +370,8 @@ def _check_out_dir(out: Path, resume: bool) -> Path | None:
 def _resume(path, model, optimizer, scheduler, config: TrainConfig, dataset: Dataset) -> dict:
     state = load_checkpoint(path, model, ADAPTER, optimizer, scheduler)
     saved, current = state["config"], _run_config(config, dataset)
-    changed = [key for key in (*RESUME_FIELDS, "data_sha256") if saved.get(key) != current.get(key)]
+    fields = (*RESUME_FIELDS, *(PREFIX_RESUME_FIELDS if config.method == "prefix" else ()), "data_sha256")
+    changed = [key for key in fields if saved.get(key) != current.get(key)]
     if changed:
         raise TrainingError(f"--resume: {path} was made with other settings: "
                             + ", ".join(f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)

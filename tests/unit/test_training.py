@@ -30,6 +30,23 @@ def losses(out) -> list[float]:
     return [record["loss"] for record in read_metrics(out / "metrics.jsonl")]
 
 
+def interrupted_at_step(step: int, monkeypatch, run) -> None:
+    """Call `run()` (a training run) with its optimizer step number `step` raising KeyboardInterrupt."""
+    real = train_module._optimizer_step
+    calls = {"n": 0}
+
+    def crash(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_optimizer_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(train_module, "_optimizer_step", real)
+
+
 def test_lr_schedules():
     assert [lr_factor(s, 10, 2, "constant") for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
     assert lr_factor(2, 10, 2, "cosine") == 1.0 and lr_factor(6, 10, 2, "cosine") == pytest.approx(0.5)
@@ -118,19 +135,7 @@ def test_resume_with_other_settings_is_refused(tiny_model_dir, data, tmp_path):
 def test_resume_after_interruption_gives_the_uninterrupted_losses(tiny_model_dir, data, tmp_path, monkeypatch):
     settings = dict(steps=10, save_every=3, dropout=0.2, batch_size=3)
     train(config(tiny_model_dir, data, tmp_path / "straight", **settings))
-    real = train_module._optimizer_step
-    calls = {"n": 0}
-
-    def crash_at_step_8(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "_optimizer_step", crash_at_step_8)
-    with pytest.raises(KeyboardInterrupt):
-        train(config(tiny_model_dir, data, tmp_path / "resumed", **settings))
-    monkeypatch.setattr(train_module, "_optimizer_step", real)
+    interrupted_at_step(8, monkeypatch, lambda: train(config(tiny_model_dir, data, tmp_path / "resumed", **settings)))
     assert latest_checkpoint(tmp_path / "resumed").name == "step-000006"
     train(config(tiny_model_dir, data, tmp_path / "resumed", resume=True, **settings))
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")

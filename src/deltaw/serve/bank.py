@@ -5,6 +5,11 @@
       ├─ resident slots    name -> slot in the stacked buffers, least recently used first
       └─ routing           the running batch's rows -> slots, shared by every layer
 
+Prefix-tuning adapters (peft_type PREFIX_TUNING) need no slot: their prefixes [T, layers·2·token_dim]
+(0.9 MB for 20 tokens on the bundled model) stay resident by name, a request takes a reference to
+them, and the engine hands each batch row its prefix (deltaw.prefix.set_prefix_rows), so prefix and
+LoRA requests share one batch. A prefix cannot be part of a weighted mix.
+
 Adapters are read with `deltaw.adapter.read_adapter` and checked with `plan_load` (shapes, ranks,
 targets, base-model fingerprint) before any buffer is touched. Different ranks and target sets
 share the buffers: they are zero-padded to the largest rank, and a layer an adapter does not target
@@ -34,8 +39,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deltaw.adapter import PlannedLayer, plan_load, read_adapter
+from deltaw.adapter import PlannedLayer, is_prefix_adapter_dir, plan_load, read_adapter
 from deltaw.lora import LoRALinear, check_adapter_name
+from deltaw.prefix import prefix_store
+from deltaw.prefix_files import check_prefix_fits, read_prefix_adapter
 from deltaw.serve.routed import Route, RoutedLinear, Routing
 from deltaw.targets import linear_modules
 
@@ -98,13 +105,19 @@ class AdapterBank:
         self._users = [0] * max_resident  # running requests per slot
         self._retired: set[int] = set()  # replaced/unloaded slots still used by running requests
         self._capacity = 0  # slots allocated in every layer that has buffers
+        self._prefixes: dict[str, torch.Tensor] = {}  # prefix adapters: name -> [T, layers·2·token_dim]
+        prefix_store(model)  # the attention hook that serves per-row prefixes
 
     # ----------------------------------------------------------------------------- loading
     def load(self, name: str, path: str | os.PathLike, pin: bool = False) -> None:
         """Load (or replace) adapter `name` from a PEFT-layout directory and make it resident."""
         check_adapter_name(name)
+        if is_prefix_adapter_dir(path):
+            self._load_prefix(name, path)
+            return
         planned = self._read(path)
         with self.lock:
+            self._prefixes.pop(name, None)
             slot = self._free_slot()
             self._write(slot, planned)
             old = self._known.get(name)
@@ -112,6 +125,28 @@ class AdapterBank:
             if old is not None and old.slot is not None:
                 self._retire(old.slot)
             self._publish(name, slot)
+
+    def _load_prefix(self, name: str, path: str | os.PathLike) -> None:
+        """Read and check a prefix adapter, then publish it under `name` (replacing any adapter of that name)."""
+        adapter = read_prefix_adapter(path)
+        check_prefix_fits(self.model, adapter, self.ignore_fingerprint)
+        weight = next(self.model.parameters())
+        prefixes = adapter.prompt_embeddings.to(weight.device, weight.dtype)
+        with self.lock:
+            if name in self._known:
+                self.unload(name)
+            self._prefixes[name] = prefixes
+
+    def prefix_for(self, choice: AdapterChoice) -> torch.Tensor | None:
+        """The prefixes a request for `choice` runs with, or None when `choice` is not a prefix adapter."""
+        with self.lock:
+            if isinstance(choice, str):
+                return self._prefixes.get(choice)
+            mixed = sorted(set(choice or ()) & set(self._prefixes))
+        if mixed:
+            raise ValueError(f"{mixed[0]!r} is a prefix adapter, which cannot be part of a weighted mix; "
+                             "request it alone")
+        return None
 
     def load_from_dir(self, name: str) -> None:
         """Load adapter `name` from `<adapters_dir>/<name>`; refuses names that are not plain names and
@@ -136,6 +171,8 @@ class AdapterBank:
     def unload(self, name: str) -> None:
         """Forget adapter `name`; requests already using it finish on its weights."""
         with self.lock:
+            if self._prefixes.pop(name, None) is not None:
+                return
             known = self._require(name)
             del self._known[name]
             if known.slot is not None:
@@ -143,43 +180,54 @@ class AdapterBank:
                 self._retire(known.slot)
 
     def pin(self, name: str) -> None:
-        """Keep adapter `name` resident (never evicted); loads it now if it was evicted."""
+        """Keep adapter `name` resident (never evicted); loads it now if it was evicted. Prefix adapters
+        are always resident."""
         with self.lock:
+            if name in self._prefixes:
+                return
             self._require(name).pinned = True
         self.release(self.acquire(name))
 
     def unpin(self, name: str) -> None:
         """Let adapter `name` be evicted again."""
         with self.lock:
+            if name in self._prefixes:
+                return
             self._require(name).pinned = False
 
     # ----------------------------------------------------------------------------- inspecting
     def names(self) -> list[str]:
         """Every known adapter, resident or evicted."""
         with self.lock:
-            return sorted(self._known)
+            return sorted([*self._known, *self._prefixes])
 
     def resident(self) -> list[str]:
-        """Adapters in a slot now, least recently used first."""
+        """Adapters in a slot now, least recently used first, then the (always resident) prefix adapters."""
         with self.lock:
-            return list(self._lru)
+            return [*self._lru, *self._prefixes]
 
     def pinned(self) -> list[str]:
         with self.lock:
             return sorted(name for name, known in self._known.items() if known.pinned)
 
     def memory_bytes(self) -> dict[str, int]:
-        """{"base": model parameters and buffers, "adapters": the slot buffers, "resident": adapters in slots}."""
+        """{"base": model parameters and buffers, "adapters": the slot buffers and prefix adapters,
+        "resident": resident adapters}."""
         adapter_tensors = {id(t) for layer in self.layers.values() for t in (layer.lora_a, layer.lora_bt)
                            if t is not None}
         tensors = {id(t): t for t in [*self.model.parameters(), *self.model.buffers()]}
         size = {key: t.numel() * t.element_size() for key, t in tensors.items()}
         adapters = sum(value for key, value in size.items() if key in adapter_tensors)
-        return {"base": sum(size.values()) - adapters, "adapters": adapters, "resident": len(self.resident())}
+        with self.lock:
+            prefixes = sum(t.numel() * t.element_size() for t in self._prefixes.values())
+        return {"base": sum(size.values()) - adapters, "adapters": adapters + prefixes,
+                "resident": len(self.resident())}
 
     # ----------------------------------------------------------------------------- routing
     def resolve(self, choice: AdapterChoice) -> None:
         """Raise UnknownAdapterError (or ValueError for a bad mix) unless every name in `choice` is known."""
+        if self.prefix_for(choice) is not None:
+            return
         for name in _choice_weights(choice):
             with self.lock:
                 self._require(name)
@@ -211,7 +259,7 @@ class AdapterBank:
     # ----------------------------------------------------------------------------- internals
     def _require(self, name: str) -> _Known:
         if name not in self._known:
-            raise UnknownAdapterError(name, sorted(self._known))
+            raise UnknownAdapterError(name, sorted([*self._known, *self._prefixes]))
         return self._known[name]
 
     def _read(self, path: str | os.PathLike) -> list[PlannedLayer]:

@@ -21,8 +21,10 @@ The batch and its KV cache (one transformers DynamicCache, LEFT padded):
 - Leave: finished or cancelled rows are dropped with index_select; columns that are padding in
   every remaining row are trimmed from the left.
 
-Each row carries a Route (its adapter slots and weights, see serve/routed.py); the bank routes the
-whole batch once per forward. The forward runs under `bank.lock`, so adapters loaded, replaced or
+Each row carries a Route (its adapter slots and weights, see serve/routed.py) and, for a prefix-tuning
+adapter, its prefixes; every forward routes the batch's rows through the bank and hands each row its
+prefix (deltaw.prefix.set_prefix_rows: its own keys/values in front, positions shifted by its T; a
+row without a prefix computes the base attention). The forward runs under `bank.lock`, so adapters loaded, replaced or
 evicted meanwhile are never seen half-written.
 """
 
@@ -40,6 +42,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from deltaw.lora import check_adapter_name
+from deltaw.prefix import set_prefix_rows
 from deltaw.serve.bank import AdapterBank, AdapterChoice, UnknownAdapterError
 from deltaw.serve.batch import join, keep_rows, prompt_batch
 from deltaw.serve.requests import Completion, EngineStats, RequestHandle, TokenEvent, summarize  # noqa: F401 (re-exported)
@@ -54,7 +57,7 @@ __all__ = [
 
 @dataclass
 class _Row:
-    """A running request: its handle, route, sampling state and real-token count in the cache."""
+    """A running request: its handle, route, prefixes, sampling state and real-token count in the cache."""
 
     handle: RequestHandle
     route: Route
@@ -65,6 +68,7 @@ class _Row:
     length: int = 0  # real tokens in the cache for this row
     last_token: int = -1
     finished: bool = False
+    prefix: torch.Tensor | None = None  # [T, layers·2·token_dim] for a prefix-tuning adapter
 
 
 class Engine:
@@ -135,10 +139,11 @@ class Engine:
     def submit(self, prompt_ids: list[int], adapter: AdapterChoice, params: SamplingParams) -> RequestHandle:
         """Queue a request; raises UnknownAdapterError or ValueError (bad input) before queueing."""
         self._check_prompt(prompt_ids, params)
-        route = self.bank.acquire(adapter)
+        prefix = self.bank.prefix_for(adapter)
+        route = () if prefix is not None else self.bank.acquire(adapter)
         handle = RequestHandle(f"req-{next(self._ids)}", len(prompt_ids))
         row = _Row(handle, route, params, params.generator(), TextStream(self.tokenizer, list(params.stop)),
-                   list(prompt_ids))
+                   list(prompt_ids), prefix=prefix)
         with self._wakeup:
             if self._stopping:
                 self.bank.release(route)
@@ -237,6 +242,7 @@ class Engine:
         device = self.model.get_input_embeddings().weight.device
         with self.bank.lock:
             self.bank.set_routing([row.route for row in rows])
+            set_prefix_rows(self.model, [row.prefix for row in rows])
             output = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                 position_ids=positions.to(device), past_key_values=cache, use_cache=True,
                                 logits_to_keep=1)

@@ -1,0 +1,62 @@
+"""`train(method="prefix")` through the one training loop, on a tiny random Llama: learns, saves, resumes."""
+
+import json
+
+import pytest
+import torch
+
+import deltaw
+from deltaw.checkpoint import latest_checkpoint
+from deltaw.metrics import read_metrics
+from deltaw.prefix import prefix_values
+from deltaw.train import TrainConfig, train
+from tests.conftest import chat, write_jsonl
+from tests.unit.test_training import interrupted_at_step
+
+
+@pytest.fixture
+def data(tmp_path):
+    records = [chat(f"What is {i} plus {i}?", f"Arr, {i} plus {i} be {2 * i}, matey!") for i in range(24)]
+    return write_jsonl(tmp_path / "train.jsonl", records)
+
+
+def config(tiny_model_dir, data, out, **overrides) -> TrainConfig:
+    settings = dict(model=str(tiny_model_dir), data=data, out=str(out), method="prefix", num_virtual_tokens=6,
+                    steps=10, batch_size=3, lr=3e-2, dtype="fp32", progress=False)
+    return TrainConfig(**{**settings, **overrides})
+
+
+def losses(out) -> list[float]:
+    return [record["loss"] for record in read_metrics(out / "metrics.jsonl")]
+
+
+def test_prefix_training_learns_and_writes_a_prefix_adapter(tiny_model_dir, data, tmp_path):
+    result = train(config(tiny_model_dir, data, tmp_path / "out", steps=25, lr=0.3, dtype="bf16"))
+    curve = losses(tmp_path / "out")  # a prefix moves a random 2-layer model's loss less than LoRA does
+    assert sum(curve[-5:]) / 5 < 0.9 * curve[0], curve
+    saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "PREFIX_TUNING" and saved["num_virtual_tokens"] == 6
+    assert saved["deltaw"]["training"]["method"] == "prefix" and saved["deltaw"]["init"] == "activations"
+    model, _ = deltaw.load_model(tiny_model_dir)
+    deltaw.load_adapter(model, tmp_path / "out", "trained")
+    assert prefix_values(model, "trained").dtype == torch.float32 and result.steps == 25
+
+
+def test_projection_run_resumed_after_interruption_gives_the_uninterrupted_losses(tiny_model_dir, data, tmp_path,
+                                                                                  monkeypatch):
+    settings = dict(prefix_projection=True, projection_hidden=16, save_every=3)
+    train(config(tiny_model_dir, data, tmp_path / "straight", **settings))
+    interrupted_at_step(8, monkeypatch, lambda: train(config(tiny_model_dir, data, tmp_path / "resumed", **settings)))
+    assert latest_checkpoint(tmp_path / "resumed").name == "step-000006"
+    train(config(tiny_model_dir, data, tmp_path / "resumed", resume=True, **settings))
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    saved = json.loads((tmp_path / "straight" / "adapter_config.json").read_text())
+    assert saved["prefix_projection"] is False and saved["deltaw"]["projection_hidden"] == 16
+
+
+def test_bad_prefix_settings_are_refused_before_loading_anything(tmp_path):
+    for overrides, message in [({"num_virtual_tokens": 0}, "num_virtual_tokens must be a positive integer"),
+                               ({"prefix_projection": True, "prefix_init": "activations"}, "--prefix-init random"),
+                               ({"method": "ia3"}, "--method must be one of")]:
+        with pytest.raises(ValueError, match=message):
+            train(TrainConfig(**{"data": "d.jsonl", "out": str(tmp_path), "steps": 5, "method": "prefix", **overrides}))
