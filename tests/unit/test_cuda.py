@@ -124,3 +124,20 @@ def test_serving_engine_on_cuda_gives_each_request_its_solo_output(tmp_path):
         assert len(set(solo)) == 3
         handles = [engine.submit(p, c, greedy) for p, c in zip(prompts, choices)]
         assert [h.result().text for h in handles] == solo
+
+
+def test_prefix_tuning_on_cuda_equals_cpu_and_keeps_the_cache_free_of_prefixes():
+    from tests.unit.test_prefix import prefixed_model
+
+    cpu = prefixed_model("sdpa")
+    gpu = prefixed_model("sdpa").to(CUDA)
+    tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = cpu(input_ids=tokens).logits
+        got = gpu(input_ids=tokens.to(CUDA)).logits.cpu()
+        assert (got - expected).abs().max() <= 1e-4
+        settings = dict(attention_mask=torch.ones_like(tokens, device=CUDA), max_new_tokens=8, do_sample=False,
+                        pad_token_id=0)
+        cached = gpu.generate(input_ids=tokens.to(CUDA), use_cache=True, **settings)
+        uncached = gpu.generate(input_ids=tokens.to(CUDA), use_cache=False, **settings)
+    assert torch.equal(cached, uncached)
