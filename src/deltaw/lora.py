@@ -190,7 +190,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge_(self, name: str) -> None:
-        """weight <- base weight + scaling·B·A (float32 arithmetic, cast back).
+        """weight <- base weight + scaling·B·A (float32 arithmetic, rounded once to the weight's dtype).
 
         The base weight is first copied into `unmerged_weight` (a buffer reused across merges, so
         repeated merges allocate nothing). Merging while another adapter is merged replaces it: the
@@ -208,12 +208,14 @@ class LoRALinear(nn.Module):
             if self.unmerged_weight is None or self.unmerged_weight.shape != weight.shape:
                 self.unmerged_weight = torch.empty_like(weight)
             self.unmerged_weight.copy_(weight)
-        lora_a = self.lora_A[name].detach().float()
-        lora_b = self.lora_B[name].detach().float()
-        if weight.dtype == torch.float32:  # one pass: read the kept base, write the sum (no copy first)
+        lora_a, lora_b = self.lora_A[name].detach(), self.lora_B[name].detach()
+        if weight.dtype == lora_a.dtype == lora_b.dtype:
+            # one pass: read the kept base, write the sum (no copy first); a bf16 GEMM accumulates in fp32
+            # and rounds once, as the fp32 path below does
             torch.addmm(self.unmerged_weight, lora_b, lora_a, alpha=self.scaling[name], out=weight)
         else:
-            weight.copy_(torch.addmm(self.unmerged_weight.float(), lora_b, lora_a, alpha=self.scaling[name]))
+            weight.copy_(torch.addmm(self.unmerged_weight.float(), lora_b.float(), lora_a.float(),
+                                     alpha=self.scaling[name]))
         self.merged = name
         self.active = name
 

@@ -191,7 +191,13 @@ class NF4Weight(nn.Module):
         else:
             indices, pairs = scratch[0].copy_(self.packed), scratch[1].view(-1, 2)
             torch.index_select(table, 0, indices, out=pairs)
-        values = _scale_blocks_(pairs.view(-1)[: self.shape.numel()], self.block_absmax(), self.blocksize)
+        values = pairs.view(-1)[: self.shape.numel()]
+        if out is not None and out.dtype != torch.float32 and values.numel() % self.blocksize == 0:
+            # scale and round to out's dtype in one pass (the product is formed in fp32, then rounded once)
+            blocks = values.view(-1, self.blocksize)
+            torch.mul(blocks, self.block_absmax().view(-1, 1), out=out.view(-1, self.blocksize))
+            return out.view(self.shape)
+        values = _scale_blocks_(values, self.block_absmax(), self.blocksize)
         if out is None:
             return values.view(self.shape).to(dtype or self.dtype)
         if out.data_ptr() != values.data_ptr():

@@ -68,14 +68,22 @@ def make_bank(adapters: dict[str, Path], **kwargs) -> AdapterBank:
     return bank
 
 
-CHOICES = {  # one adapter in the batch (one matmul per factor) and several (grouped by slot, bmm)
+CHOICES = {  # one adapter in the batch (one matmul per factor) and several (stacked ranks, or grouped by slot)
     "one adapter": [None, "full", {"full": -0.5}, "full"],
     "several": [None, "attn", "full", "mlp", {"attn": 0.5, "mlp": -1.5}, {"full": 0.3, "attn": 1.0, "mlp": 2.0}, "full"],
 }
 
 
+@pytest.fixture(params=["dense", "grouped"])
+def multi_adapter_path(request, monkeypatch):
+    """Run the test with several adapters on the stacked-rank path and again on the grouped (bmm) path."""
+    if request.param == "grouped":
+        monkeypatch.setattr("deltaw.serve.routed.DENSE_MAX_RANK", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("batch", CHOICES)
-def test_batched_path_equals_the_per_row_reference(adapters, batch):
+def test_batched_path_equals_the_per_row_reference(adapters, batch, multi_adapter_path):
     choices = CHOICES[batch]
     bank = make_bank(adapters)
     tokens = torch.randint(0, 128, (len(choices), 9), generator=torch.Generator().manual_seed(0))
@@ -88,7 +96,7 @@ def test_batched_path_equals_the_per_row_reference(adapters, batch):
         assert (fast[row] - base[row]).abs().max() > 1e-2  # every adapter (and mix) changes the output
 
 
-def test_scattered_slots_are_gathered_and_still_equal_the_reference(adapters):
+def test_scattered_slots_are_gathered_and_still_equal_the_reference(adapters, multi_adapter_path):
     bank = make_bank({**adapters, "mlp2": adapters["mlp"], "attn2": adapters["attn"], "full2": adapters["full"]})
     assert bank._known["full2"].slot == 5
     choices = ["attn", "full2", None, {"attn": 2.0, "full2": 0.5}]  # slots 0 and 5: a block would be mostly unused

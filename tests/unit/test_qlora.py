@@ -34,11 +34,12 @@ def test_linear_nf4_forward_and_input_gradient_equal_the_dequantized_linear(dtyp
     assert torch.allclose(x.grad, reference_x.grad, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
 
 
-def test_dequantize_with_workspace_equals_plain_dequantize():
-    weight = quantize(torch.randn(33, 65))  # odd number of values, a last partial block
+@pytest.mark.parametrize("shape", [(33, 65), (96, 64)])  # a last partial block; whole blocks only
+def test_dequantize_with_workspace_equals_plain_dequantize(shape):
+    weight = quantize(torch.randn(*shape))
     count = weight.packed.numel()
     scratch = (torch.empty(count, dtype=torch.int32), torch.empty(2 * count))
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         out = torch.empty(weight.numel(), dtype=dtype)
         assert torch.equal(weight.dequantize(dtype, out=out, scratch=scratch), weight.dequantize(dtype))
 
@@ -92,7 +93,7 @@ def autograd_nodes(root, name: str) -> list:
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
-        if name in type(node).__name__:
+        if name in node.name():
             found.append(node)
         stack.extend(next_node for next_node, _ in node.next_functions)
     return found
