@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from deltaw.adapter import AdapterFormatError, describe_adapter, load_adapter, read_adapter
+from deltaw.adapter import AdapterFormatError, describe_adapter, load_adapter
 from deltaw.checkpoint import CheckpointError
 from deltaw.config import PREFIX_INITS
 from deltaw.data import DataError, load_jsonl
@@ -19,7 +19,7 @@ from deltaw.generation import chat_inputs, generate, load_with_adapters, parse_a
 from deltaw.manage import deactivate_adapters, list_adapters, lora_layers, set_adapter
 from deltaw.models import BUNDLED_NAME, ModelLoadError, load_model
 from deltaw.nf4_linear import quantized_layers
-from deltaw.quantized import merge_into_nf4, prepare_base, quantize_model, save_quantized
+from deltaw.quantized import adapter_deltaw_config, merge_into_nf4, prepare_base, quantize_model, save_quantized
 from deltaw.targets import TargetError
 from deltaw.train import DTYPES as TRAIN_DTYPES
 from deltaw.train import METHODS, SCHEDULES, TrainConfig, TrainingError, evaluate, train
@@ -34,7 +34,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     if args.val_data and not args.nf4:
         raise ValueError("--val-data measures the re-quantization of --nf4; add --nf4 or drop --val-data")
-    deltaw_config = read_adapter(args.adapter).config.get("deltaw", {})
+    deltaw_config = adapter_deltaw_config(args.adapter)
     record = deltaw_config.get("base_quantization")
     # A QLoRA adapter's base is rebuilt as in training: the same load dtype, then the same NF4 layers.
     model, tokenizer = load_model(args.model, dtype=DTYPES[record.get("dtype", "fp32")] if record else torch.float32)

@@ -129,11 +129,20 @@ def quantization_record(model: nn.Module, dtype: str) -> dict | None:
             "modules": sorted(layers)}
 
 
+def adapter_deltaw_config(adapter_dir: str | os.PathLike) -> dict:
+    """The "deltaw" section of an adapter's adapter_config.json, any adapter type ({} when there is none;
+    load_adapter reports what is wrong with a broken file)."""
+    try:
+        config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    section = config.get("deltaw") if isinstance(config, dict) else None
+    return section if isinstance(section, dict) else {}
+
+
 def adapter_base_record(adapter_dir: str | os.PathLike) -> dict | None:
     """The NF4 base an adapter was trained on, as its adapter_config.json records it (None: a float base)."""
-    from deltaw.adapter import read_adapter
-
-    return read_adapter(adapter_dir).config.get("deltaw", {}).get("base_quantization")
+    return adapter_deltaw_config(adapter_dir).get("base_quantization")
 
 
 def prepare_base(model: nn.Module, record: dict) -> None:
