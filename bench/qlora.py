@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_lora import BATCH, SEQ, batches, peak_rss_kib  # noqa: E402
+from train_lora import BATCH, SEQ, batches, peak_rss_kib, with_lora  # noqa: E402
 
 warnings.filterwarnings("ignore")
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # (out, in): q/o, k/v, gate/up, down
@@ -75,8 +75,6 @@ def load(framework: str, device: str, model_name: str):
 
 
 def worker(framework: str, steps: int, warmup: int, device: str, model_name: str) -> dict:
-    import deltaw
-    from deltaw.losses import lm_loss_sum
     from deltaw.quantized import quantize_model
     from deltaw.runtime import tune_malloc_for_reuse
     from deltaw.train import choose_attention
@@ -90,21 +88,10 @@ def worker(framework: str, steps: int, warmup: int, device: str, model_name: str
         choose_attention(model, SEQ, "bf16")
         if framework == "deltaw-qlora":
             quantize_model(model)
-        deltaw.add_lora(model, deltaw.LoRAConfig(rank=16, alpha=32), dtype=torch.float32)
-
-        def loss_of(batch):
-            total, count = lm_loss_sum(model, batch)
-            return total / count
-    else:
-        import peft
-
-        model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-        for param in model.parameters():  # PEFT keeps the dtype of the base for a bnb layer's adapter
-            if param.requires_grad:
-                param.data = param.data.float()
-
-        def loss_of(batch):
-            return model(**batch).loss
+    model, loss_of = with_lora(model, framework.startswith("deltaw"))
+    for param in model.parameters():  # PEFT gives a bnb layer's adapter the base's dtype: train fp32 in both
+        if param.requires_grad:
+            param.data = param.data.float()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)

@@ -71,26 +71,31 @@ def prepared(framework: str, dtype_name: str, count: int) -> tuple[torch.nn.Modu
 
 
 def worker(framework: str, dtype_name: str, steps: int, warmup: int) -> dict:
+    model, data, dtype = prepared(framework, dtype_name, steps + warmup)
+    model, loss_of = with_lora(model, framework.startswith("deltaw"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in params) == 4_884_480 and all(p.dtype == torch.float32 for p in params)
+    return timed_steps(model, loss_of, data, dtype, warmup, lr=1e-4)
+
+
+def with_lora(model, ours: bool):
+    """(model, loss_of): r=16 alpha=32 all-linear LoRA with deltaw's add_lora and chunked loss when `ours`,
+    else PEFT's get_peft_model and the model's own loss."""
     import deltaw
     from deltaw.losses import lm_loss_sum
 
-    model, data, dtype = prepared(framework, dtype_name, steps + warmup)
-    if framework == "deltaw":
+    if ours:
         deltaw.add_lora(model, deltaw.LoRAConfig(rank=16, alpha=32), dtype=torch.float32)
 
         def loss_of(batch):
             total, count = lm_loss_sum(model, batch)
             return total / count
-    else:
-        import peft
 
-        model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+        return model, loss_of
+    import peft
 
-        def loss_of(batch):
-            return model(**batch).loss
-    params = [p for p in model.parameters() if p.requires_grad]
-    assert sum(p.numel() for p in params) == 4_884_480 and all(p.dtype == torch.float32 for p in params)
-    return timed_steps(model, loss_of, data, dtype, warmup, lr=1e-4)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    return model, lambda batch: model(**batch).loss
 
 
 def timed_steps(model, loss_of, data: list[dict], dtype: torch.dtype, warmup: int, lr: float) -> dict:
