@@ -26,8 +26,7 @@ def unload(model: nn.Module) -> nn.Module:
             linear.weight = layer.weight
             if layer.bias is not None:
                 linear.bias = layer.bias
-        parent_name, _, child = module_name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+        model.set_submodule(module_name, linear)
     registry(model).adapters.clear()
     registry(model).active = None
     return model

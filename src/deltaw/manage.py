@@ -99,10 +99,8 @@ def wrap_linear(model: nn.Module, module_name: str) -> LoRALinear:
         return module
     if not isinstance(module, (nn.Linear, NF4Linear)):
         raise TypeError(f"{module_name!r} is a {type(module).__name__}, not nn.Linear")
-    parent_name, _, child = module_name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
     layer = LoRALinear(module)
-    setattr(parent, child, layer)
+    model.set_submodule(module_name, layer)
     return layer
 
 

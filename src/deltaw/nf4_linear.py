@@ -128,13 +128,11 @@ def quantize_linears(model: nn.Module, names: Iterable[str], blocksize: int = 64
     """
     count = 0
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        linear = getattr(parent, child)
+        linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{name} is {type(linear).__name__}, not nn.Linear: only plain linear layers are "
                             "quantized (quantize before adding LoRA adapters)")
-        setattr(parent, child, NF4Linear.from_linear(linear, blocksize, double_quant))
+        model.set_submodule(name, NF4Linear.from_linear(linear, blocksize, double_quant))
         count += linear.weight.numel()
         del linear
     return count

@@ -200,7 +200,8 @@ def load_quantized(model_dir: str | os.PathLike, dtype: torch.dtype) -> nn.Modul
         bias = state.pop(f"{name}.bias", None)
         if bias is None and getattr(model.get_submodule(name), "bias", None) is not None:
             raise ValueError(f"{model_dir}: {name}.bias is missing; re-create the directory with `deltaw quantize`")
-        _replace(model, name, NF4Linear(weight, None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)))
+        bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
+        model.set_submodule(name, NF4Linear(weight, bias))
         placed.update(k for k in model.get_submodule(name).state_dict(prefix=f"{name}.").keys())
     missing, unexpected = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v
                                                  for k, v in state.items()}, strict=False)
@@ -232,11 +233,6 @@ def _check_layer(model: nn.Module, name: str, weight, model_dir: Path) -> None:
     if tuple(weight.shape) != expected or weight.packed.numel() != (weight.numel() + 1) // 2:
         raise ValueError(f"{model_dir}: {name}.weight is {list(weight.shape)} with {weight.packed.numel()} packed "
                          f"bytes, the config says {list(expected)}; re-create the directory with `deltaw quantize`")
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def _is_tied(model: nn.Module, key: str) -> bool:
@@ -311,7 +307,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> int:
             linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
             linear.weight = nn.Parameter(module.weight.dequantize(dtype), requires_grad=False)
             linear.bias = module.bias
-            _replace(model, name, linear)
+            model.set_submodule(name, linear)
         else:
             continue
         count += 1

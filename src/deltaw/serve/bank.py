@@ -360,8 +360,6 @@ def _wrap_linears(model: nn.Module, routing: Routing) -> dict[str, RoutedLinear]
     for name, module in linear_modules(model).items():
         if isinstance(module, RoutedLinear):
             raise ValueError(f"{name!r} is already routed: this model already has an AdapterBank")
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         layers[name] = RoutedLinear(module, routing)
-        setattr(parent, child, layers[name])
+        model.set_submodule(name, layers[name])
     return layers
