@@ -34,6 +34,7 @@ from deltaw.adapter import (
 from deltaw.fingerprint import model_fingerprint
 from deltaw.manage import disable_adapters, set_adapter
 from deltaw.models import load_model, resolve_model_dir
+from deltaw.nf4 import NF4Weight
 from deltaw.svd import Factored, factor_dense, factor_product, pad_rank
 from deltaw.targets import linear_modules, tied_weight_modules
 
@@ -116,7 +117,8 @@ def extract_adapter(
         if tuned_weight.shape != layer.weight.shape:  # checked before subtracting: shapes could broadcast
             raise ValueError(f"{key}: the tuned model's shape {list(tuned_weight.shape)} differs from the base's "
                              f"{list(layer.weight.shape)}: not a fine-tune of this base")
-        delta = tuned_weight.double() - layer.weight.detach().double()
+        weight = layer.weight.dequantize() if isinstance(layer.weight, NF4Weight) else layer.weight.detach()
+        delta = tuned_weight.double() - weight.double()  # an NF4 base: the change from its dequantized weight
         norm = float(delta.norm())
         if norm == 0:
             continue

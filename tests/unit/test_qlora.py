@@ -279,3 +279,18 @@ def test_the_adapter_bank_serves_on_an_nf4_base(tmp_path, tiny, tokens):
         assert (base(tokens).logits - expected).abs().max() <= 1e-5
     finally:
         bank.release(route)
+
+
+def test_extract_against_an_nf4_base_recovers_the_change_from_its_dequantized_weights(tmp_path, tiny_model_dir,
+                                                                                      tokenizer):
+    from deltaw.svdtools import extract_adapter
+
+    model, _ = deltaw.load_model(tiny_model_dir)
+    quantize_model(model)
+    save_quantized(model, tokenizer, tmp_path / "nf4")
+    deltaw.add_lora(model, deltaw.LoRAConfig(rank=4, targets=[r".*\.v_proj"]))
+    randomize_lora_b(model, "default", std=0.2)
+    deltaw.export_merged(model, tokenizer, "default", tmp_path / "tuned")  # dequantized base + a rank-4 change
+    report = extract_adapter(str(tmp_path / "nf4"), str(tmp_path / "tuned"), tmp_path / "x", rank=4,
+                             progress=False)
+    assert len(report.layers) == 2 and report.rel_error <= 1e-5
