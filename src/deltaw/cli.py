@@ -16,7 +16,7 @@ from deltaw.config import PREFIX_INITS
 from deltaw.data import DataError, load_jsonl
 from deltaw.export import export_merged, unload
 from deltaw.generation import chat_inputs, generate, load_with_adapters, parse_adapter_spec
-from deltaw.manage import deactivate_adapters, list_adapters, lora_layers, set_adapter
+from deltaw.manage import deactivate_adapters, list_adapters, set_adapter
 from deltaw.models import BUNDLED_NAME, ModelLoadError, load_model
 from deltaw.nf4_linear import quantized_layers
 from deltaw.quantized import adapter_deltaw_config, merge_into_nf4, prepare_base, quantize_model, save_quantized
@@ -46,7 +46,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
     if args.nf4:
         _merge_nf4(model, tokenizer, args, deltaw_config.get("training", {}).get("seq_len", 512))
         return
-    if quantized_layers(model) or any(layer.quantized for _, layer in lora_layers(model)):
+    if quantized_layers(model):  # NF4 weights inside LoRA layers included
         print("merged into the dequantized NF4 base" + (" the adapter was trained on: no re-quantization error"
                                                          if record else f" of {args.model}"))
     out = export_merged(model, tokenizer, "merged", args.out, dtype=DTYPES[args.dtype], overwrite=args.overwrite)
