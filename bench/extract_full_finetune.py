@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 import deltaw
-from deltaw.data import load_jsonl, split_validation
-from deltaw.losses import lm_loss_sum
-from deltaw.svdtools import extract_adapter
-from deltaw.train import BatchOrder, evaluate
+from deltaw.train.data import load_jsonl, split_validation
+from deltaw.train.losses import lm_loss_sum
+from deltaw.tools.svdtools import extract_adapter
+from deltaw.train.loop import BatchOrder, evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def main() -> None:
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     order = BatchOrder(len(train_set), 8, seed=0)
-    from deltaw.data import collate
+    from deltaw.train.data import collate
 
     for step in range(args.steps):
         with autocast:

@@ -20,7 +20,7 @@ import peft
 import torch
 
 import deltaw
-from deltaw.manage import lora_layers
+from deltaw.adapters.lora import lora_layers
 
 warnings.filterwarnings("ignore")
 

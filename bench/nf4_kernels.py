@@ -1,6 +1,6 @@
 """NF4 forward on CUDA: the fused Triton dequantize-matmul vs dequantize (Triton) + cuBLAS, by number of rows.
 
-Sets where `deltaw.nf4_triton.FUSED_MAX_ROWS` should sit: the fused kernel reads 4-bit weights and wins
+Sets where `deltaw.quant.triton.FUSED_MAX_ROWS` should sit: the fused kernel reads 4-bit weights and wins
 while the product is bound by reading the weight; cuBLAS wins once it is bound by arithmetic.
 
     python bench/nf4_kernels.py        (needs a CUDA device and Triton)
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from deltaw.nf4 import quantize
-from deltaw.nf4_triton import dequantize_cuda, matmul_nf4_cuda
+from deltaw.quant.nf4 import quantize
+from deltaw.quant.triton import dequantize_cuda, matmul_nf4_cuda
 
 SHAPES = [(1536, 576), (576, 1536), (8192, 2048), (2048, 8192)]
 ROWS = [1, 8, 16, 32, 64, 128, 256, 1024]

@@ -3,7 +3,7 @@
 Same model, same prefix (20 virtual tokens per layer and key/value head: 230,400 trainable values,
 N(0, 1) init for both), same batches (4 x 256 tokens of the persona data, loss on every token), same
 optimizer (AdamW, lr 1e-2), in bf16 and fp32. deltaw runs as `deltaw train --method prefix` does: its
-loss (`deltaw.losses`), its attention choice (`deltaw.train.choose_attention`) and its allocator setting
+loss (`deltaw.train.losses`), its attention choice (`deltaw.train.loop.choose_attention`) and its allocator setting
 (`deltaw.runtime.tune_malloc_for_reuse`); its prefixes enter at the attention interface. PEFT runs as a
 PEFT user gets it (`PrefixTuningConfig(num_virtual_tokens=20)`: the prefixes enter as a KV cache), and
 once more with deltaw's attention choice and allocator setting applied ("peft+settings"), to show how
@@ -36,9 +36,9 @@ def attach(framework: str, model):
     """Add a 20-token prefix the way `framework` does; returns (model, loss of a batch)."""
     torch.manual_seed(0)  # both draw the prefixes N(0, 1) from here: the same values
     if framework == "deltaw":
-        from deltaw.config import PrefixConfig
-        from deltaw.losses import lm_loss_sum
-        from deltaw.prefix import add_prefix
+        from deltaw.adapters.prefix import PrefixConfig
+        from deltaw.train.losses import lm_loss_sum
+        from deltaw.adapters.prefix import add_prefix
 
         add_prefix(model, PrefixConfig(num_virtual_tokens=TOKENS), dtype=torch.float32)
 

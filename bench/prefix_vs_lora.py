@@ -1,6 +1,6 @@
 """Prefix-tuning vs LoRA on one persona (pirate): parameters, validation loss, adherence, tokens/s.
 
-Both adapters are trained by `deltaw.train` with the persona demo's settings (examples/persona_demo.py:
+Both adapters are trained by `deltaw.train.loop` with the persona demo's settings (examples/persona_demo.py:
 2 epochs, batch 8, sequence length 256, bf16, 5 warm-up steps, seed 0), on the same 90% of
 examples/personas/pirate.jsonl (the other 10% is the validation set), so both take the same number of
 steps. LoRA: r=16, alpha=32 on all linear layers, lr 1e-3 (the demo's). Prefix: 20 virtual tokens,
@@ -27,19 +27,19 @@ sys.path.insert(0, str(ROOT / "examples" / "personas"))
 import torch  # noqa: E402
 
 import deltaw  # noqa: E402
-from deltaw.adapter import is_prefix_adapter_dir, read_adapter  # noqa: E402
-from deltaw.generation import answer_questions  # noqa: E402
-from deltaw.metrics import read_metrics  # noqa: E402
-from deltaw.prefix_files import read_prefix_adapter  # noqa: E402
+from deltaw.adapters import read_adapter  # noqa: E402
+from deltaw.tools.generation import answer_questions  # noqa: E402
+from deltaw.train.metrics import read_metrics  # noqa: E402
+from deltaw.adapters.prefix import PrefixConfig  # noqa: E402
 from deltaw.train import TrainConfig, train  # noqa: E402
-from persona_demo import SETTINGS  # noqa: E402
+from persona_demo import LORA, SETTINGS  # noqa: E402
 from personas import PERSONAS  # noqa: E402
 
 PERSONA = next(p for p in PERSONAS if p.name == "pirate")
-COMMON = {key: value for key, value in SETTINGS.items() if key not in ("lr", "rank", "alpha")}
+COMMON = {key: value for key, value in SETTINGS.items() if key != "lr"}
 RUNS = {
-    "LoRA r=16 (lr 1e-3)": dict(method="lora", lr=1e-3, rank=16, alpha=32.0),
-    "prefix 20 tokens (lr 1e-2)": dict(method="prefix", lr=1e-2, num_virtual_tokens=20),
+    "LoRA r=16 (lr 1e-3)": dict(method="lora", lr=1e-3, lora=LORA),
+    "prefix 20 tokens (lr 1e-2)": dict(method="prefix", lr=1e-2, prefix=PrefixConfig(num_virtual_tokens=20)),
 }
 
 
@@ -48,7 +48,7 @@ def trained(name: str, settings: dict, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     data = ROOT / "examples" / "personas" / f"{PERSONA.name}.jsonl"
     result = train(TrainConfig(data=str(data), out=str(out), val_split=0.1, progress=False, **COMMON, **settings))
-    adapter = read_prefix_adapter(out) if is_prefix_adapter_dir(out) else read_adapter(out)
+    adapter = read_adapter(out)
     speeds = [record["tokens_per_s"] for record in read_metrics(out / "metrics.jsonl")]
     print(f"[{name}] {result.steps} steps in {result.seconds:.0f} s, validation loss {result.final_val_loss:.3f}",
           flush=True)

@@ -37,7 +37,7 @@ SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # (out, in): q/o, k
 
 def base_bytes(model: torch.nn.Module) -> dict[str, int]:
     """Bytes held by the base model's weights: the quantized linear layers, and everything else."""
-    from deltaw.nf4 import NF4Weight
+    from deltaw.quant.nf4 import NF4Weight
 
     quantized, other, seen = 0, 0, set()
     for module in model.modules():
@@ -62,7 +62,7 @@ def load(framework: str, device: str, model_name: str):
     if framework == "peft+bnb":
         from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-        from deltaw.models import resolve_model_dir
+        from deltaw.models.loading import resolve_model_dir
 
         directory = resolve_model_dir(model_name)
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -75,9 +75,9 @@ def load(framework: str, device: str, model_name: str):
 
 
 def worker(framework: str, steps: int, warmup: int, device: str, model_name: str) -> dict:
-    from deltaw.quantized import quantize_model
+    from deltaw.models.quantized import quantize_model
     from deltaw.runtime import tune_malloc_for_reuse
-    from deltaw.train import choose_attention
+    from deltaw.train.loop import choose_attention
 
     if framework.startswith("deltaw"):
         tune_malloc_for_reuse()
@@ -118,8 +118,8 @@ def layer_latency(device: str, repeats: int = 20) -> list[dict]:
     """Median forward+backward time of one NF4 linear on 1024 tokens, deltaw vs bitsandbytes."""
     import bitsandbytes as bnb
 
-    from deltaw.nf4 import quantize
-    from deltaw.nf4_linear import linear_nf4
+    from deltaw.quant.nf4 import quantize
+    from deltaw.quant.linear import linear_nf4
 
     rows = []
     for out_features, in_features in SHAPES:

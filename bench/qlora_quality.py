@@ -21,17 +21,17 @@ sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "examples" / "personas"))
 
 import deltaw  # noqa: E402
-from deltaw.generation import answer_questions  # noqa: E402
-from deltaw.quantized import adapter_base_record, prepare_base  # noqa: E402
+from deltaw.tools.generation import answer_questions  # noqa: E402
+from deltaw.models.quantized import adapter_base_record, prepare_base  # noqa: E402
 from deltaw.train import TrainConfig, train  # noqa: E402
-from persona_demo import SETTINGS  # noqa: E402
+from persona_demo import LORA, SETTINGS  # noqa: E402
 from personas import PERSONAS  # noqa: E402
 
 
 def run(method: str, persona: str, out: Path, questions: list[str]) -> dict:
     data = ROOT / "examples" / "personas" / f"{persona}.jsonl"
     result = train(TrainConfig(data=str(data), out=str(out / method), method=method, val_split=0.1, progress=False,
-                               **SETTINGS))
+                               lora=LORA, **SETTINGS))
     model, tokenizer = deltaw.load_model(dtype=torch.bfloat16)
     if method == "qlora":
         prepare_base(model, adapter_base_record(out / method))  # the base exactly as training built it

@@ -29,7 +29,7 @@ import peft
 import torch
 
 import deltaw
-from deltaw.manage import lora_layers
+from deltaw.adapters.lora import lora_layers
 from deltaw.serve import AdapterBank, Engine, SamplingParams
 from deltaw.serve.engine import summarize
 

@@ -2,7 +2,7 @@
 
 Same model, same LoRA (r=16, alpha=32, all linear layers), same batches (4 x 256 tokens of the persona
 data, loss on every token), same optimizer (AdamW, lr 1e-4), in bf16 and fp32. deltaw runs as `deltaw train` does: its loss
-(`deltaw.losses`), its attention choice (`deltaw.train.choose_attention`: eager for bf16 on CPU at this
+(`deltaw.train.losses`), its attention choice (`deltaw.train.loop.choose_attention`: eager for bf16 on CPU at this
 length) and its allocator setting (`deltaw.runtime.tune_malloc_for_reuse`). PEFT runs as a PEFT user
 gets it ("peft"), and once more with deltaw's two process settings applied ("peft+settings"), to
 show how much of the difference those settings alone explain. Each measurement round
@@ -58,7 +58,7 @@ def prepared(framework: str, dtype_name: str, count: int) -> tuple[torch.nn.Modu
     allocator setting and attention choice."""
     import deltaw
     from deltaw.runtime import tune_malloc_for_reuse
-    from deltaw.train import choose_attention
+    from deltaw.train.loop import choose_attention
 
     if framework in ("deltaw", "peft+settings"):
         tune_malloc_for_reuse()
@@ -82,7 +82,7 @@ def with_lora(model, ours: bool):
     """(model, loss_of): r=16 alpha=32 all-linear LoRA with deltaw's add_lora and chunked loss when `ours`,
     else PEFT's get_peft_model and the model's own loss."""
     import deltaw
-    from deltaw.losses import lm_loss_sum
+    from deltaw.train.losses import lm_loss_sum
 
     if ours:
         deltaw.add_lora(model, deltaw.LoRAConfig(rank=16, alpha=32), dtype=torch.float32)

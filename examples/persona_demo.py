@@ -28,13 +28,14 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE / "personas"))
 
 import deltaw  # noqa: E402
-from deltaw.data import file_sha256  # noqa: E402
-from deltaw.generation import answer_questions  # noqa: E402
-from deltaw.quantized import adapter_base_record, prepare_base  # noqa: E402
+from deltaw.train.data import file_sha256  # noqa: E402
+from deltaw.tools.generation import answer_questions  # noqa: E402
+from deltaw.models.quantized import adapter_base_record, prepare_base  # noqa: E402
 from deltaw.train import TrainConfig, train  # noqa: E402
 from personas import PERSONAS  # noqa: E402
 
-SETTINGS = dict(epochs=2.0, batch_size=8, lr=1e-3, warmup=5, seq_len=256, rank=16, alpha=32.0, dtype="bf16", seed=0)
+SETTINGS = dict(epochs=2.0, batch_size=8, lr=1e-3, warmup=5, seq_len=256, dtype="bf16", seed=0)
+LORA = deltaw.LoRAConfig(rank=16, alpha=32.0)
 
 
 def train_persona(name: str, out: Path, retrain: bool, method: str = "lora") -> None:
@@ -43,12 +44,13 @@ def train_persona(name: str, out: Path, retrain: bool, method: str = "lora") -> 
     settings = {**SETTINGS, "method": method}
     if config_file.is_file() and not retrain:
         record = json.loads(config_file.read_text()).get("deltaw", {}).get("training", {})
-        if record.get("data_sha256") == file_sha256(data) and all(record.get(k) == v for k, v in settings.items()):
+        same = all(record.get(k) == v for k, v in settings.items()) and record.get("adapter") == LORA.to_dict()
+        if record.get("data_sha256") == file_sha256(data) and same:
             print(f"[{name}] reusing {out} (same data and settings; --retrain to train again)")
             return
     shutil.rmtree(out, ignore_errors=True)
     print(f"[{name}] training ({method}) on {data.name} ...")
-    result = train(TrainConfig(data=str(data), out=str(out), progress=False, **settings))
+    result = train(TrainConfig(data=str(data), out=str(out), progress=False, lora=LORA, **settings))
     print(f"[{name}] {result.steps} steps in {result.seconds:.0f} s, final loss {result.final_loss:.3f}")
 
 

@@ -13,7 +13,7 @@ import time
 import torch
 
 import deltaw
-from deltaw.manage import lora_layers
+from deltaw.adapters.lora import lora_layers
 
 PROMPT = "Give me one tip for learning to cook."
 

@@ -24,7 +24,7 @@ def make_tiny_llama(seed: int = 0, tie: bool = False, dtype: torch.dtype = torch
 def randomize_lora_b(model: torch.nn.Module, name: str, seed: int = 1, std: float = 0.1) -> None:
     """Give adapter `name` a non-zero B (a fresh adapter is a no-op), reproducibly."""
     generator = torch.Generator().manual_seed(seed)
-    for _, layer in deltaw.manage.lora_layers(model):
+    for _, layer in deltaw.adapters.lora.lora_layers(model):
         if name in layer.lora_B:
             b = layer.lora_B[name]
             b.data.copy_(torch.randn(b.shape, generator=generator) * std)
@@ -71,7 +71,7 @@ def tokenizer():
     """The bundled model's tokenizer (chat template included), without loading the model."""
     from transformers import AutoTokenizer
 
-    from deltaw.models import resolve_model_dir
+    from deltaw.models.loading import resolve_model_dir
 
     return AutoTokenizer.from_pretrained(resolve_model_dir(deltaw.BUNDLED_NAME))
 

@@ -1,30 +1,32 @@
 """deltaw: low-rank and prefix adapters for large language models: train, merge, switch and serve them on one frozen base."""
 
-from deltaw.adapter import AdapterFormatError, describe_adapter, load_adapter, read_adapter, save_adapter
-from deltaw.config import LoRAConfig, PrefixConfig
-from deltaw.export import export_merged, unload
-from deltaw.lora import LoRALinear
-from deltaw.manage import (
-    LoRAReport,
+from deltaw.adapters import (
+    AdapterFormatError,
     active_adapter,
-    add_lora,
     deactivate_adapters,
     delete_adapter,
+    describe_adapter,
     disable_adapters,
     list_adapters,
+    load_adapter,
     merge_adapter,
     merged_adapter,
+    read_adapter,
+    save_adapter,
     set_adapter,
     unmerge_adapter,
 )
-from deltaw.models import BUNDLED_NAME, ModelLoadError, load_model
-from deltaw.nf4_linear import NF4Linear, linear_nf4
-from deltaw.plan import model_plan, shape_plan
-from deltaw.quantized import dequantize_model, merge_into_nf4, quantize_model, save_quantized
+from deltaw.adapters.lora import LoRAConfig, LoRALinear, LoRAReport, add_lora
+from deltaw.adapters.prefix import PrefixConfig, PrefixReport, add_prefix, prefix_rows, prefix_values, set_prefix_rows
+from deltaw.adapters.targets import TargetError
+from deltaw.models.export import export_merged, unload
+from deltaw.models.loading import BUNDLED_NAME, ModelLoadError, load_model
+from deltaw.models.quantized import dequantize_model, merge_into_nf4, quantize_model, save_quantized
+from deltaw.quant import nf4
+from deltaw.quant.linear import NF4Linear, linear_nf4
 from deltaw.serve import AdapterBank, Engine, SamplingParams
-from deltaw.prefix import PrefixReport, add_prefix, prefix_rows, prefix_values, set_prefix_rows
-from deltaw.svdtools import combine_adapters, extract_adapter, resize_adapter
-from deltaw.targets import TargetError
+from deltaw.tools.plan import model_plan, shape_plan
+from deltaw.tools.svdtools import combine_adapters, extract_adapter, resize_adapter
 
 __version__ = "0.1.0"
 

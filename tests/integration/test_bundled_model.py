@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import deltaw
-from deltaw import models
+from deltaw.models import loading as models
 from tests.conftest import randomize_lora_b
 
 pytestmark = pytest.mark.slow

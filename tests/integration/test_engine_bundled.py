@@ -81,7 +81,7 @@ def test_a_hundred_adapters_load_and_route_in_one_batch(bundled_pristine, tmp_pa
     with bank.lock, torch.inference_mode():
         bank.set_routing(routes)
         fast = model(tokens).logits
-        bank.routing.reference = True
+        bank.stores["lora"].routing.reference = True
         reference = model(tokens).logits
         bank.set_routing([()] * 100)
         base = model(tokens).logits

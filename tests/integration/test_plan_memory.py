@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from deltaw.plan import model_plan
+from deltaw.tools.plan import model_plan
 
 pytestmark = pytest.mark.slow
 PIRATE = Path(__file__).parents[2] / "examples" / "personas" / "pirate.jsonl"

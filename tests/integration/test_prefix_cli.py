@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from deltaw.metrics import read_metrics
+from deltaw.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 DELTAW = str(Path(sys.executable).parent / "deltaw")

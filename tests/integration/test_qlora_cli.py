@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import deltaw
-from deltaw.metrics import read_metrics
-from deltaw.nf4_linear import NF4Linear, quantized_layers
-from deltaw.quantized import adapter_base_record, prepare_base, quantize_model
+from deltaw.train.metrics import read_metrics
+from deltaw.quant.linear import NF4Linear, quantized_layers
+from deltaw.models.quantized import adapter_base_record, prepare_base, quantize_model
 
 pytestmark = pytest.mark.slow
 DELTAW = str(Path(sys.executable).parent / "deltaw")

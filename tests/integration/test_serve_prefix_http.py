@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import deltaw
-from deltaw.config import PrefixConfig
-from deltaw.prefix import add_prefix
+from deltaw.adapters.prefix import PrefixConfig
+from deltaw.adapters.prefix import add_prefix
 from tests.integration.serving import API_KEY, running_server, write_random_adapters
 
 SERVED = ["lora", "prefix"]

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import deltaw
-from deltaw.generation import chat_inputs, generate
+from deltaw.models.chat import chat_inputs
+from deltaw.tools.generation import generate
 from deltaw.serve.engine import Engine
 from tests.integration.serving import API_KEY, running_server, write_random_adapters
 

@@ -66,7 +66,7 @@ def test_deltaw_serve_answers_the_openai_client(tiny_model_dir, adapters_dir):
 @pytest.mark.parametrize(("flags", "message"), [
     (["--adapters-dir", "/no/such/dir"], "--adapters-dir /no/such/dir: no such directory"),
     (["--adapter", "alpha=/no/such/adapter"], "--adapter alpha=/no/such/adapter: no such adapter directory"),
-    (["--max-resident", "0"], "max_resident must be at least 1, found 0"),
+    (["--max-resident", "0"], "--max-resident must be at least 1, found 0"),
     (["--adapter", "../alpha={adapters}/alpha"], "invalid adapter name '../alpha'"),
 ])
 def test_deltaw_serve_flag_errors_are_one_line_and_exit_2(tiny_model_dir, adapters_dir, capsys, flags, message):

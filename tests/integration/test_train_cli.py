@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from deltaw.checkpoint import latest_checkpoint
-from deltaw.metrics import read_metrics
+from deltaw.train.checkpoint import latest_checkpoint
+from deltaw.train.metrics import read_metrics
 from tests.conftest import chat, write_jsonl
 
 pytestmark = pytest.mark.slow

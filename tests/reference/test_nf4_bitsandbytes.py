@@ -9,7 +9,7 @@ after bitsandbytes' own parsing of the state and its own dequantization of the n
 import pytest
 import torch
 
-from deltaw import nf4
+from deltaw.quant import nf4
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute  # noqa: E402

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import deltaw
-from deltaw.nf4_linear import quantized_layers
-from deltaw.quantized import quantize_model, save_quantized
+from deltaw.quant.linear import quantized_layers
+from deltaw.models.quantized import quantize_model, save_quantized
 
 bnb = pytest.importorskip("bitsandbytes")
 

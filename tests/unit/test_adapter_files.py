@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import deltaw
-from deltaw.adapter import CONFIG_FILE, WEIGHTS_FILE
+from deltaw.adapters.files import CONFIG_FILE, WEIGHTS_FILE
 from tests.conftest import make_tiny_llama, randomize_lora_b
 
 Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
@@ -131,7 +131,7 @@ def test_bad_tensors_are_refused_and_the_model_is_untouched(saved, case):
 BAD_CONFIGS = {
     "dora": (lambda c: c.update(use_dora=True), "'use_dora' = True is not supported"),
     "bias": (lambda c: c.update(bias="all"), "'bias' = 'all' is not supported"),
-    "peft type": (lambda c: c.update(peft_type="IA3"), "expected 'LORA'"),
+    "peft type": (lambda c: c.update(peft_type="IA3"), r"expected one of \['LORA', 'PREFIX_TUNING'\], found 'IA3'"),
     "rank": (lambda c: c.update(r=0), "'r': expected a positive number"),
     "targets": (lambda c: c.update(target_modules=None), "target_modules"),
     "narrower targets": (lambda c: c.update(target_modules=["q_proj"]), "extra key"),

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 import deltaw
-from deltaw.adapter import lora_config_dict, write_adapter
+from deltaw.adapters.lora.files import lora_config_dict, write_adapter
 from deltaw.serve.bank import AdapterBank, BankFullError, UnknownAdapterError
-from deltaw.targets import linear_modules
+from deltaw.adapters.targets import linear_modules
 from tests.conftest import make_tiny_llama
 
 ATTENTION = ["q_proj", "v_proj"]
@@ -53,10 +53,10 @@ def routed_logits(bank: AdapterBank, tokens: torch.Tensor, choices: list, refere
     try:
         with bank.lock, torch.no_grad():
             bank.set_routing(routes)
-            bank.routing.reference = reference
+            bank.stores["lora"].routing.reference = reference
             return bank.model(tokens).logits
     finally:
-        bank.routing.reference = False
+        bank.stores["lora"].routing.reference = False
         for route in routes:
             bank.release(route)
 
@@ -78,7 +78,7 @@ CHOICES = {  # one adapter in the batch (one matmul per factor) and several (sta
 def multi_adapter_path(request, monkeypatch):
     """Run the test with several adapters on the stacked-rank path and again on the grouped (bmm) path."""
     if request.param == "grouped":
-        monkeypatch.setattr("deltaw.serve.routed.DENSE_MAX_RANK", 0)
+        monkeypatch.setattr("deltaw.adapters.lora.routed.DENSE_MAX_RANK", 0)
     return request.param
 
 
@@ -120,7 +120,7 @@ def test_single_adapter_rows_equal_the_foundation_lora_layers(adapters):
 
 def test_a_mix_is_the_exact_weighted_sum_of_deltas(adapters):
     bank = make_bank(adapters)
-    layer = bank.layers["model.layers.1.mlp.down_proj"]  # "full" and "mlp" target it, "attn" does not
+    layer = bank.stores["lora"].layers["model.layers.1.mlp.down_proj"]  # "full" and "mlp" target it, "attn" does not
     x = torch.randn(1, 5, layer.in_features).expand(5, -1, -1)  # the same input in every row
     choices = [None, "attn", "full", "mlp", {"attn": 0.7, "full": -0.4, "mlp": 3.0}]
     routes = [bank.acquire(choice) for choice in choices]
@@ -247,7 +247,7 @@ def test_the_bank_needs_a_plain_base_model_and_reports_memory(adapters):
     memory = bank.memory_bytes()
     base = sum(p.numel() * 4 for p in make_tiny_llama().parameters())
     assert memory["base"] >= base and memory["resident"] == 3
-    slots = bank.layers["model.layers.0.mlp.down_proj"].lora_a.shape[0]
+    slots = bank.stores["lora"].layers["model.layers.0.mlp.down_proj"].lora_a.shape[0]
     assert 3 <= slots <= 4 and memory["adapters"] > 0
 
 

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import deltaw
-from deltaw.nf4 import quantize
-from deltaw.nf4_linear import linear_nf4, quantized_layers
-from deltaw.quantized import quantize_model
+from deltaw.quant.nf4 import quantize
+from deltaw.quant.linear import linear_nf4, quantized_layers
+from deltaw.models.quantized import quantize_model
 from tests.conftest import make_tiny_llama, randomize_lora_b
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -21,7 +21,7 @@ CUDA = torch.device("cuda")
 @pytest.mark.parametrize("shape", [(1536, 576), (33, 65), (192, 576)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_triton_dequantize_equals_the_torch_path_bit_for_bit(shape, dtype):
-    from deltaw.nf4_triton import dequantize_cuda, triton_available
+    from deltaw.quant.triton import dequantize_cuda, triton_available
 
     assert triton_available()
     weight = quantize(torch.randn(*shape) * 0.02).to(CUDA)
@@ -30,7 +30,7 @@ def test_triton_dequantize_equals_the_torch_path_bit_for_bit(shape, dtype):
 
 @pytest.mark.parametrize("rows", [1, 7, 64, 100])
 def test_fused_triton_matmul_equals_the_dequantized_matmul(rows):
-    from deltaw.nf4_triton import matmul_nf4_cuda
+    from deltaw.quant.triton import matmul_nf4_cuda
 
     weight = quantize(torch.randn(200, 576) * 0.02).to(CUDA)  # 200: a partial tile of output columns
     x = torch.randn(rows, 576, device=CUDA, dtype=torch.bfloat16)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from deltaw.data import IGNORE, DataError, collate, load_jsonl, pack, split_validation
+from deltaw.train.data import IGNORE, DataError, collate, load_jsonl, pack, split_validation
 from tests.conftest import chat, write_jsonl
 
 

@@ -157,7 +157,7 @@ def test_a_bf16_model_serves_in_bf16(tmp_path, tokenizer):
     model = make_tiny_llama(dtype=torch.bfloat16)
     bank = AdapterBank(model)
     bank.load("attn", write_random_adapter(tmp_path / "attn", make_tiny_llama(), ATTENTION, rank=2, seed=1, std=1.0))
-    assert bank.layers["model.layers.0.self_attn.q_proj"].lora_a.dtype == torch.bfloat16
+    assert bank.stores["lora"].layers["model.layers.0.self_attn.q_proj"].lora_a.dtype == torch.bfloat16
     with Engine(model, tokenizer, bank, max_model_len=64) as engine:
         engine.eos_ids = set()
         results = [engine.submit(PROMPTS[0], choice, SamplingParams(max_tokens=6)).result() for choice in (None, "attn")]

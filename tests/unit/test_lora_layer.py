@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import deltaw
-from deltaw.lora import LoRALinear, init_lora_weights
+from deltaw.adapters.lora.layer import LoRALinear, init_lora_weights
 from tests.conftest import randomize_lora_b
 
 
@@ -49,7 +49,7 @@ def test_forward_is_wx_plus_scaled_b_a_x(use_rslora):
     linear = nn.Linear(12, 7, bias=True)
     layer = LoRALinear(linear)
     a, b = torch.randn(3, 12), torch.randn(7, 3)
-    scaling = deltaw.lora.lora_scaling(6.0, 3, use_rslora)
+    scaling = deltaw.adapters.lora.config.lora_scaling(6.0, 3, use_rslora)
     assert scaling == pytest.approx(6 / math.sqrt(3) if use_rslora else 2.0)
     layer.add_adapter("x", a, b, scaling)
     layer.active = "x"

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deltaw import losses
-from deltaw.data import IGNORE
+from deltaw.train import losses
+from deltaw.train.data import IGNORE
 from tests.conftest import make_tiny_llama
 
 

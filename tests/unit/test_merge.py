@@ -49,7 +49,7 @@ def test_merge_buffers_are_reused_and_released_on_request():
     deltaw.merge_adapter(model, "b")
     assert layer.unmerged_weight.data_ptr() == buffer  # no new allocation per merge
     deltaw.unmerge_adapter(model, release_memory=True)
-    assert all(layer.unmerged_weight is None for _, layer in deltaw.manage.lora_layers(model))
+    assert all(layer.unmerged_weight is None for _, layer in deltaw.adapters.lora.lora_layers(model))
 
 
 def test_merging_after_the_base_weight_changed_uses_the_new_base():

@@ -6,17 +6,10 @@ import pytest
 import torch
 
 import deltaw
-from deltaw.config import PrefixConfig
-from deltaw.prefix import (
-    PrefixShape,
-    activation_prefix,
-    add_prefix,
-    join_prefix,
-    prefix_rows,
-    prefix_values,
-    set_prefix_rows,
-    split_prefix,
-)
+from deltaw import compat
+from deltaw.adapters.prefix import PrefixConfig, add_prefix, prefix_rows, prefix_values, set_prefix_rows
+from deltaw.adapters.prefix.encoder import activation_prefix
+from deltaw.adapters.prefix.layout import PrefixShape, join_prefix, split_prefix
 from tests.conftest import make_tiny_llama
 
 ATTENTION = ("sdpa", "eager")
@@ -100,6 +93,27 @@ def test_activation_init_acts_as_the_prompt_it_was_taken_from(tokens):
 
 
 @pytest.mark.parametrize("attention", ATTENTION)
+def test_activation_init_decodes_as_the_prompt_would(attention, tokens):
+    """The same reference through the KV cache: generate() and a step-by-step decode given only the cache (no mask,
+    no position ids) continue Y as the base model continues X ++ Y."""
+    model = make_tiny_llama()
+    model.set_attn_implementation(attention)
+    prompt, text = tokens[0, :6], tokens[1][None]
+    settings = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        whole = torch.cat([prompt[None], text], dim=1)
+        expected = model.generate(input_ids=whole, attention_mask=torch.ones_like(whole), **settings)[:, 6:]
+        add_prefix(model, PrefixConfig(num_virtual_tokens=6, init="activations"), init_ids=prompt)
+        assert torch.equal(model.generate(input_ids=text, attention_mask=torch.ones_like(text), **settings), expected)
+        cache = compat.find_cache(model(input_ids=expected[:, :12], use_cache=True).values())
+        decoded = [model(input_ids=expected[:, i:i + 1], **compat.cache_argument(model, cache)).logits
+                   for i in range(12, 16)]
+        with deltaw.disable_adapters(model):
+            base = logits(model, torch.cat([prompt[None], expected], dim=1))[:, 6 + 12:6 + 16]
+    assert (torch.cat(decoded, dim=1) - base).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("attention", ATTENTION)
 def test_each_row_gets_its_own_prefix_or_none(attention, tokens):
     model = prefixed_model(attention, tokens=5, name="five")
     torch.manual_seed(2)
@@ -152,7 +166,7 @@ def test_training_moves_only_the_prefix_and_keeps_the_base_bit_identical(tokens)
 
 def test_projection_trains_through_an_mlp_and_saves_the_final_prefixes(tmp_path, tokens):
     model = make_tiny_llama()
-    report = add_prefix(model, PrefixConfig(num_virtual_tokens=4, projection_hidden=8))
+    report = add_prefix(model, PrefixConfig(num_virtual_tokens=4, projection=True, projection_hidden=8))
     shape = PrefixShape.of_model(model)
     assert report.trainable == 4 * 32 + (8 * 32 + 8) + (shape.width * 8 + shape.width)
     loss = model(input_ids=tokens, labels=tokens).loss

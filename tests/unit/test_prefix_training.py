@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import deltaw
-from deltaw.checkpoint import latest_checkpoint
-from deltaw.metrics import read_metrics
-from deltaw.prefix import prefix_values
-from deltaw.train import TrainConfig, train
+from deltaw.train.checkpoint import latest_checkpoint
+from deltaw.train.metrics import read_metrics
+from deltaw.adapters.prefix import PrefixConfig, prefix_values
+from deltaw.train.loop import TrainConfig, train
 from tests.conftest import chat, write_jsonl
 from tests.unit.test_training import interrupted_at_step
 
@@ -21,7 +21,8 @@ def data(tmp_path):
 
 
 def config(tiny_model_dir, data, out, **overrides) -> TrainConfig:
-    settings = dict(model=str(tiny_model_dir), data=data, out=str(out), method="prefix", num_virtual_tokens=6,
+    prefix = PrefixConfig(**{"num_virtual_tokens": 6, **overrides.pop("prefix", {})})
+    settings = dict(model=str(tiny_model_dir), data=data, out=str(out), method="prefix", prefix=prefix,
                     steps=10, batch_size=3, lr=3e-2, dtype="fp32", progress=False)
     return TrainConfig(**{**settings, **overrides})
 
@@ -44,19 +45,21 @@ def test_prefix_training_learns_and_writes_a_prefix_adapter(tiny_model_dir, data
 
 def test_projection_run_resumed_after_interruption_gives_the_uninterrupted_losses(tiny_model_dir, data, tmp_path,
                                                                                   monkeypatch):
-    settings = dict(prefix_projection=True, projection_hidden=16, save_every=3)
-    train(config(tiny_model_dir, data, tmp_path / "straight", **settings))
-    interrupted_at_step(8, monkeypatch, lambda: train(config(tiny_model_dir, data, tmp_path / "resumed", **settings)))
+    settings = dict(prefix={"projection": True, "projection_hidden": 16}, save_every=3)
+    train(config(tiny_model_dir, data, tmp_path / "straight", **dict(settings)))
+    interrupted_at_step(8, monkeypatch,
+                        lambda: train(config(tiny_model_dir, data, tmp_path / "resumed", **dict(settings))))
     assert latest_checkpoint(tmp_path / "resumed").name == "step-000006"
-    train(config(tiny_model_dir, data, tmp_path / "resumed", resume=True, **settings))
+    train(config(tiny_model_dir, data, tmp_path / "resumed", resume=True, **dict(settings)))
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
     saved = json.loads((tmp_path / "straight" / "adapter_config.json").read_text())
     assert saved["prefix_projection"] is False and saved["deltaw"]["projection_hidden"] == 16
 
 
 def test_bad_prefix_settings_are_refused_before_loading_anything(tmp_path):
-    for overrides, message in [({"num_virtual_tokens": 0}, "num_virtual_tokens must be a positive integer"),
-                               ({"prefix_projection": True, "prefix_init": "activations"}, "--prefix-init random"),
-                               ({"method": "ia3"}, "--method must be one of")]:
+    for prefix, message in [({"num_virtual_tokens": 0}, "num_virtual_tokens must be a positive integer"),
+                            ({"projection": True, "init": "activations"}, "--prefix-init random")]:
         with pytest.raises(ValueError, match=message):
-            train(TrainConfig(**{"data": "d.jsonl", "out": str(tmp_path), "steps": 5, "method": "prefix", **overrides}))
+            PrefixConfig(**prefix)
+    with pytest.raises(ValueError, match="--method must be one of"):
+        train(TrainConfig(data="d.jsonl", out=str(tmp_path), steps=5, method="ia3"))

@@ -5,11 +5,11 @@ import torch
 import torch.nn.functional as F
 
 import deltaw
-from deltaw.lora import LoRALinear
-from deltaw.manage import lora_layers
-from deltaw.nf4 import NF4Weight, quantize
-from deltaw.nf4_linear import NF4Linear, linear_nf4, quantized_layers
-from deltaw.quantized import load_quantized, nf4_bytes, quantize_model, save_quantized
+from deltaw.adapters.lora import LoRALinear
+from deltaw.adapters.lora import lora_layers
+from deltaw.quant.nf4 import NF4Weight, quantize
+from deltaw.quant.linear import NF4Linear, linear_nf4, quantized_layers
+from deltaw.models.quantized import load_quantized, nf4_bytes, quantize_model, save_quantized
 from tests.conftest import make_tiny_llama, randomize_lora_b
 
 
@@ -251,7 +251,7 @@ def test_merging_a_zero_update_into_nf4_changes_nothing(tiny, tokens):
 
 
 def test_prepare_base_rebuilds_the_recorded_nf4_layers_and_refuses_another(tiny):
-    from deltaw.quantized import prepare_base, quantization_record
+    from deltaw.models.quantized import prepare_base, quantization_record
 
     quantize_model(tiny, targets=[r".*\.q_proj"])
     record = quantization_record(tiny, "fp32")
@@ -283,7 +283,7 @@ def test_the_adapter_bank_serves_on_an_nf4_base(tmp_path, tiny, tokens):
 
 def test_extract_against_an_nf4_base_recovers_the_change_from_its_dequantized_weights(tmp_path, tiny_model_dir,
                                                                                       tokenizer):
-    from deltaw.svdtools import extract_adapter
+    from deltaw.tools.svdtools import extract_adapter
 
     model, _ = deltaw.load_model(tiny_model_dir)
     quantize_model(model)

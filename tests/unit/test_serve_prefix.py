@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import deltaw
-from deltaw.config import PrefixConfig
-from deltaw.prefix import add_prefix
+from deltaw.adapters.prefix import PrefixConfig
+from deltaw.adapters.prefix import add_prefix
 from deltaw.serve.bank import AdapterBank
 from deltaw.serve.engine import Engine, SamplingParams
 from tests.conftest import make_tiny_llama

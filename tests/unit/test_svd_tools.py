@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import deltaw
-from deltaw.adapter import module_scaling, read_adapter
-from deltaw.plan import model_plan, shape_plan
-from deltaw.svd import factor_dense
-from deltaw.svdtools import combine_adapters, extract_adapter, resize_adapter
+from deltaw.adapters import read_adapter
+from deltaw.adapters.lora.files import module_scaling
+from deltaw.tools.plan import model_plan, shape_plan
+from deltaw.tools.svd import factor_dense
+from deltaw.tools.svdtools import combine_adapters, extract_adapter, resize_adapter
 from tests.conftest import make_tiny_llama, randomize_lora_b
 
 DELTAW = str(Path(sys.executable).parent / "deltaw")
@@ -147,7 +148,7 @@ def test_cli_combine_resize_and_plan(tmp_path):
 
 
 def test_randomized_svd_reports_its_achieved_error_exactly(monkeypatch):
-    from deltaw import svd
+    from deltaw.tools import svd
 
     monkeypatch.setattr(svd, "RANDOMIZED_ABOVE", 32)  # take the randomized path on a small matrix
     generator = torch.Generator().manual_seed(0)

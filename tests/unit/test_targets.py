@@ -3,7 +3,7 @@
 import pytest
 
 import deltaw
-from deltaw.targets import select_modules
+from deltaw.adapters.targets import select_modules
 from tests.conftest import make_tiny_llama
 
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import deltaw
-from deltaw import train as train_module
-from deltaw.checkpoint import latest_checkpoint
-from deltaw.metrics import read_metrics
-from deltaw.train import BatchOrder, TrainConfig, TrainingError, lr_factor, train
+from deltaw.train import loop as train_module
+from deltaw.train.checkpoint import latest_checkpoint
+from deltaw.train.metrics import read_metrics
+from deltaw.train.loop import BatchOrder, TrainConfig, TrainingError, lr_factor, train
 from tests.conftest import chat, write_jsonl
 
 
@@ -21,8 +21,9 @@ def data(tmp_path):
 
 
 def config(tiny_model_dir, data, out, **overrides) -> TrainConfig:
+    lora = deltaw.LoRAConfig(**{"rank": 4, "alpha": 8, **overrides.pop("lora", {})})
     settings = dict(model=str(tiny_model_dir), data=data, out=str(out), steps=8, batch_size=4, lr=5e-3,
-                    rank=4, alpha=8, dtype="fp32", progress=False)
+                    lora=lora, dtype="fp32", progress=False)
     return TrainConfig(**{**settings, **overrides})
 
 
@@ -63,7 +64,7 @@ def test_batch_order_is_a_seeded_permutation_per_epoch():
 
 
 def test_training_learns_and_writes_adapter_metrics_and_plot(tiny_model_dir, data, tmp_path):
-    result = train(config(tiny_model_dir, data, tmp_path / "out", steps=30, val_split=0.2, val_every=10, lr=3e-2, rank=8))
+    result = train(config(tiny_model_dir, data, tmp_path / "out", steps=30, val_split=0.2, val_every=10, lr=3e-2, lora={"rank": 8}))
     records = read_metrics(tmp_path / "out" / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 31))
     assert all({"step", "loss", "lr", "tokens", "step_time_s", "tokens_per_s"} <= r.keys() for r in records)
@@ -133,7 +134,7 @@ def test_resume_with_other_settings_is_refused(tiny_model_dir, data, tmp_path):
 
 
 def test_resume_after_interruption_gives_the_uninterrupted_losses(tiny_model_dir, data, tmp_path, monkeypatch):
-    settings = dict(steps=10, save_every=3, dropout=0.2, batch_size=3)
+    settings = dict(steps=10, save_every=3, lora={"dropout": 0.2}, batch_size=3)
     train(config(tiny_model_dir, data, tmp_path / "straight", **settings))
     interrupted_at_step(8, monkeypatch, lambda: train(config(tiny_model_dir, data, tmp_path / "resumed", **settings)))
     assert latest_checkpoint(tmp_path / "resumed").name == "step-000006"

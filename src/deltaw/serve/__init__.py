@@ -1,12 +1,13 @@
 """Multi-adapter serving on one base model.
 
-    bank.py       AdapterBank: adapters in stacked slots, LRU eviction, pinning, safe replacement
-    routed.py     RoutedLinear: each batch row gets its own adapter (or mix) in one batched computation
+    bank.py       AdapterBank: adapters of every kind in slots, LRU eviction, pinning, safe replacement
+                  (each kind's slot store routes rows: deltaw.adapters.lora.routed, deltaw.adapters.prefix)
     engine.py     Engine: continuous batching with a left-padded KV cache, per-request sampling
     batch.py      the running batch's cache and mask: join, drop rows, trim padding
     sampling.py   SamplingParams, token sampling, incremental text with stop strings
     requests.py   RequestHandle (events, result, cancel) and the engine's statistics
-    app.py        the OpenAI-compatible HTTP server (`deltaw serve`)
+    config.py     ServeConfig: the `deltaw serve` settings
+    app.py        the OpenAI-compatible HTTP server (`deltaw serve`); completions.py, protocol.py, state.py
 """
 
 from deltaw.serve.bank import AdapterBank, AdapterChoice, BankFullError, UnknownAdapterError

@@ -18,13 +18,9 @@ import asyncio
 import secrets
 import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import torch
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,34 +29,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 from transformers import PreTrainedTokenizerBase
 
-from deltaw.adapter import AdapterFormatError
-from deltaw.generation import parse_adapter_spec
-from deltaw.models import BUNDLED_NAME, load_model
+from deltaw.adapters import AdapterFormatError, parse_adapter_spec
+from deltaw.models.loading import DTYPES, load_model
 from deltaw.serve.bank import AdapterBank, BankFullError, UnknownAdapterError
 from deltaw.serve.completions import respond
+from deltaw.serve.config import ServeConfig
 from deltaw.serve.engine import Engine
 from deltaw.serve.metrics import ServerMetrics
+from deltaw.serve.state import ServerState
 from deltaw.serve.protocol import AdapterLoadRequest, APIError, ChatRequest, CompletionRequest, error_body
 
 SHUTDOWN_GRACE_S = 5  # on Ctrl-C, running streams get this long before they are cut (and their requests cancelled)
-EVENT_WAITERS = 256  # worker threads that wait on engine events (created on demand; idle ones cost nothing)
-
-
-@dataclass
-class ServerState:
-    """What every route needs: the engine, its bank and tokenizer, the names, the key and the metrics."""
-
-    engine: Engine
-    bank: AdapterBank
-    tokenizer: PreTrainedTokenizerBase
-    base_name: str
-    api_key: str | None = None
-    metrics: ServerMetrics = field(default_factory=ServerMetrics)
-    waiters: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(EVENT_WAITERS, "deltaw-wait"))
-    started: int = field(default_factory=lambda: int(time.time()))
-
-    def served_names(self) -> list[str]:
-        return [self.base_name, *self.bank.names()]
 
 
 def create_app(engine: Engine, bank: AdapterBank, tokenizer: PreTrainedTokenizerBase, base_name: str,
@@ -263,37 +242,33 @@ async def pin_adapter(request: Request, name: str, action: Literal["pin", "unpin
 
 # ----------------------------------------------------------------------------- running it
 
-def build_engine(model_name: str, adapters: list[str], adapters_dir: str | None = None, max_resident: int = 32,
-                 max_batch_size: int = 16, max_model_len: int = 2048, dtype: torch.dtype = torch.float32,
-                 ) -> tuple[Engine, AdapterBank, PreTrainedTokenizerBase]:
+def build_engine(config: ServeConfig) -> tuple[Engine, AdapterBank, PreTrainedTokenizerBase]:
     """Load the base model once, its adapter bank with each 'name=DIR' adapter, and a started engine.
 
     Returns:
         (engine, bank, tokenizer); call `engine.shutdown()` when done.
     """
-    model, tokenizer = load_model(model_name, dtype=dtype)
-    bank = AdapterBank(model, max_resident=max_resident, adapters_dir=adapters_dir)
-    for spec in adapters:
+    model, tokenizer = load_model(config.model, dtype=DTYPES[config.dtype])
+    bank = AdapterBank(model, max_resident=config.max_resident, adapters_dir=config.adapters_dir)
+    for spec in config.adapter:
         name, path = parse_adapter_spec(spec)
         bank.load(name, path)
-    engine = Engine(model, tokenizer, bank, max_batch_size=max_batch_size, max_model_len=max_model_len)
+    engine = Engine(model, tokenizer, bank, max_batch_size=config.max_batch_size, max_model_len=config.max_model_len)
     engine.start()
     return engine, bank, tokenizer
 
 
-def serve(model: str = BUNDLED_NAME, adapters: Sequence[str] = (), adapters_dir: str | None = None,
-          host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_resident: int = 32,
-          max_batch_size: int = 16, max_model_len: int = 2048, dtype: torch.dtype = torch.float32,
-          log_level: str = "info") -> None:
-    """Serve `model` and its adapters over HTTP until interrupted (what `deltaw serve` runs).
+def serve(config: ServeConfig) -> None:
+    """Serve `config.model` and its adapters over HTTP until interrupted (what `deltaw serve` runs).
 
-    The base model answers to the name `model` (a directory's last component when `model` is a path).
+    The base model answers to the name `config.model` (a directory's last component when it is a path).
     """
-    engine, bank, tokenizer = build_engine(model, list(adapters), adapters_dir, max_resident, max_batch_size,
-                                           max_model_len, dtype)
+    config.check()
+    engine, bank, tokenizer = build_engine(config)
     try:
-        app = create_app(engine, bank, tokenizer, base_model_name(model), api_key)
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+        app = create_app(engine, bank, tokenizer, base_model_name(config.model), config.api_key)
+        uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level,
+                    timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     finally:
         engine.shutdown()
 

@@ -1,25 +1,22 @@
-"""The adapter bank: many LoRA adapters resident on one base model, routed per batch row.
+"""The adapter bank: many adapters of any kind resident on one base model, routed per batch row.
 
-    AdapterBank(model)                    wraps every linear layer in a RoutedLinear (serve/routed.py)
-      ├─ known adapters    name -> directory on disk (+ pinned flag)
-      ├─ resident slots    name -> slot in the stacked buffers, least recently used first
-      └─ routing           the running batch's rows -> slots, shared by every layer
+    AdapterBank(model)                    one slot store per adapter kind (deltaw.adapters.kinds): LoRA's
+      │                                   wraps every linear layer in a RoutedLinear, prefix-tuning's
+      │                                   hands each row its prefix at the attention interface
+      ├─ known adapters    name -> directory on disk, kind (+ pinned flag)
+      ├─ resident slots    name -> slot, least recently used first; the slot's kind's store holds it
+      └─ routing           the running batch's rows -> ((slot, weight), ...), split by store before each forward
 
-Prefix-tuning adapters (peft_type PREFIX_TUNING) need no slot: their prefixes [T, layers·2·token_dim]
-(0.9 MB for 20 tokens on the bundled model) stay resident by name, a request takes a reference to
-them, and the engine hands each batch row its prefix (deltaw.prefix.set_prefix_rows), so prefix and
-LoRA requests share one batch. A prefix cannot be part of a weighted mix.
+Adapters are read and checked by their kind (`kind.read`, `kind.plan`: shapes, ranks, targets,
+base-model fingerprint) before any buffer is touched. A weighted mix (`pirate*0.5+robot*0.5`) is the
+exact weighted sum of the members' deltas, so every member's kind must be mixable (LoRA is; a prefix
+adapter is not, and such a mix is refused).
 
-Adapters are read with `deltaw.adapter.read_adapter` and checked with `plan_load` (shapes, ranks,
-targets, base-model fingerprint) before any buffer is touched. Different ranks and target sets
-share the buffers: they are zero-padded to the largest rank, and a layer an adapter does not target
-holds zeros (scaling 0) in its slot.
+Capacity: at most `max_resident` slots, shared by all kinds. Loading one more evicts the least
+recently used adapter that no request is using and that is not pinned; an evicted adapter stays known
+and is read back from disk when a request asks for it.
 
-Capacity: at most `max_resident` slots. Loading one more evicts the least recently used adapter
-that no request is using and that is not pinned; an evicted adapter stays known and is read back
-from disk when a request asks for it.
-
-Concurrency: every change of the buffers or of the name -> slot map happens under `bank.lock`, and
+Concurrency: every change of the stores or of the name -> slot map happens under `bank.lock`, and
 the engine holds that lock for each forward pass, so a forward never sees a half-written slot.
 Reading and validating a file happens outside the lock. A new or replacing adapter is written into
 a free slot first and only then published under its name: requests admitted later use it, while
@@ -36,15 +33,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from deltaw.adapter import PlannedLayer, is_prefix_adapter_dir, plan_load, read_adapter
-from deltaw.lora import LoRALinear, check_adapter_name
-from deltaw.prefix import prefix_store
-from deltaw.prefix_files import check_prefix_fits, read_prefix_adapter
-from deltaw.serve.routed import Route, RoutedLinear, Routing
-from deltaw.targets import linear_modules
+from deltaw.adapters.io import adapter_kind
+from deltaw.adapters.kinds import AdapterKind, Route, SlotStore, all_kinds
+from deltaw.adapters.state import check_adapter_name
 
 AdapterChoice = str | dict[str, float] | None
 """None (the base model), an adapter name, or a weighted mix {name: weight}."""
@@ -68,15 +61,16 @@ class BankFullError(RuntimeError):
 @dataclass
 class _Known:
     path: Path
+    kind: AdapterKind
     pinned: bool = False
     slot: int | None = None
 
 
 class AdapterBank:
-    """Many adapters on one base model, each in a slot of stacked per-layer buffers.
+    """Many adapters on one base model, each in a slot of its kind's store.
 
     Args:
-        model: a plain base model (no LoRALinear layers); its linear layers are wrapped in place.
+        model: a plain base model (no LoRALinear layers); its layers are wrapped in place for routing.
         max_resident: how many adapters may be resident at once (slots); more are evicted LRU.
         adapters_dir: the directory `load_from_dir` may load from (None: disabled).
         ignore_fingerprint: load adapters whose recorded base-model fingerprint differs.
@@ -98,55 +92,27 @@ class AdapterBank:
         self.ignore_fingerprint, self.wait_for_slot = ignore_fingerprint, wait_for_slot
         self.lock = threading.RLock()
         self._slot_freed = threading.Condition(self.lock)
-        self.routing = Routing()
-        self.layers = _wrap_linears(model, self.routing)
+        self.stores: dict[str, SlotStore] = {kind.name: kind.slot_store(model, max_resident) for kind in all_kinds()}
         self._known: dict[str, _Known] = {}
         self._lru: OrderedDict[str, None] = OrderedDict()  # resident names, least recently used first
         self._users = [0] * max_resident  # running requests per slot
         self._retired: set[int] = set()  # replaced/unloaded slots still used by running requests
-        self._capacity = 0  # slots allocated in every layer that has buffers
-        self._prefixes: dict[str, torch.Tensor] = {}  # prefix adapters: name -> [T, layers·2·token_dim]
-        prefix_store(model)  # the attention hook that serves per-row prefixes
+        self._slot_store: list[SlotStore | None] = [None] * max_resident  # the store each slot's adapter is in
 
     # ----------------------------------------------------------------------------- loading
     def load(self, name: str, path: str | os.PathLike, pin: bool = False) -> None:
         """Load (or replace) adapter `name` from a PEFT-layout directory and make it resident."""
         check_adapter_name(name)
-        if is_prefix_adapter_dir(path):
-            self._load_prefix(name, path)
-            return
-        planned = self._read(path)
+        kind = adapter_kind(path)
+        planned = self._read(kind, path)
         with self.lock:
-            self._prefixes.pop(name, None)
             slot = self._free_slot()
-            self._write(slot, planned)
+            self._write(slot, kind, planned)
             old = self._known.get(name)
-            self._known[name] = _Known(Path(path), pinned=pin or (old is not None and old.pinned))
+            self._known[name] = _Known(Path(path), kind, pinned=pin or (old is not None and old.pinned))
             if old is not None and old.slot is not None:
                 self._retire(old.slot)
             self._publish(name, slot)
-
-    def _load_prefix(self, name: str, path: str | os.PathLike) -> None:
-        """Read and check a prefix adapter, then publish it under `name` (replacing any adapter of that name)."""
-        adapter = read_prefix_adapter(path)
-        check_prefix_fits(self.model, adapter, self.ignore_fingerprint)
-        weight = next(self.model.parameters())
-        prefixes = adapter.prompt_embeddings.to(weight.device, weight.dtype)
-        with self.lock:
-            if name in self._known:
-                self.unload(name)
-            self._prefixes[name] = prefixes
-
-    def prefix_for(self, choice: AdapterChoice) -> torch.Tensor | None:
-        """The prefixes a request for `choice` runs with, or None when `choice` is not a prefix adapter."""
-        with self.lock:
-            if isinstance(choice, str):
-                return self._prefixes.get(choice)
-            mixed = sorted(set(choice or ()) & set(self._prefixes))
-        if mixed:
-            raise ValueError(f"{mixed[0]!r} is a prefix adapter, which cannot be part of a weighted mix; "
-                             "request it alone")
-        return None
 
     def load_from_dir(self, name: str) -> None:
         """Load adapter `name` from `<adapters_dir>/<name>`; refuses names that are not plain names and
@@ -171,8 +137,6 @@ class AdapterBank:
     def unload(self, name: str) -> None:
         """Forget adapter `name`; requests already using it finish on its weights."""
         with self.lock:
-            if self._prefixes.pop(name, None) is not None:
-                return
             known = self._require(name)
             del self._known[name]
             if known.slot is not None:
@@ -180,60 +144,62 @@ class AdapterBank:
                 self._retire(known.slot)
 
     def pin(self, name: str) -> None:
-        """Keep adapter `name` resident (never evicted); loads it now if it was evicted. Prefix adapters
-        are always resident."""
+        """Keep adapter `name` resident (never evicted); loads it now if it was evicted."""
         with self.lock:
-            if name in self._prefixes:
-                return
             self._require(name).pinned = True
         self.release(self.acquire(name))
 
     def unpin(self, name: str) -> None:
         """Let adapter `name` be evicted again."""
         with self.lock:
-            if name in self._prefixes:
-                return
             self._require(name).pinned = False
 
     # ----------------------------------------------------------------------------- inspecting
     def names(self) -> list[str]:
         """Every known adapter, resident or evicted."""
         with self.lock:
-            return sorted([*self._known, *self._prefixes])
+            return sorted(self._known)
 
     def resident(self) -> list[str]:
-        """Adapters in a slot now, least recently used first, then the (always resident) prefix adapters."""
+        """Adapters in a slot now, least recently used first."""
         with self.lock:
-            return [*self._lru, *self._prefixes]
+            return list(self._lru)
 
     def pinned(self) -> list[str]:
         with self.lock:
             return sorted(name for name, known in self._known.items() if known.pinned)
 
-    def memory_bytes(self) -> dict[str, int]:
-        """{"base": model parameters and buffers, "adapters": the slot buffers and prefix adapters,
-        "resident": resident adapters}."""
-        adapter_tensors = {id(t) for layer in self.layers.values() for t in (layer.lora_a, layer.lora_bt)
-                           if t is not None}
-        tensors = {id(t): t for t in [*self.model.parameters(), *self.model.buffers()]}
-        size = {key: t.numel() * t.element_size() for key, t in tensors.items()}
-        adapters = sum(value for key, value in size.items() if key in adapter_tensors)
+    def kind(self, name: str) -> AdapterKind:
+        """The kind of known adapter `name`."""
         with self.lock:
-            prefixes = sum(t.numel() * t.element_size() for t in self._prefixes.values())
-        return {"base": sum(size.values()) - adapters, "adapters": adapters + prefixes,
-                "resident": len(self.resident())}
+            return self._require(name).kind
+
+    def memory_bytes(self) -> dict[str, int]:
+        """{"base": model parameters and buffers, "adapters": the stores' adapter tensors,
+        "resident": resident adapters}."""
+        with self.lock:
+            stored = {id(t): t for store in self.stores.values() for t in store.tensors()}
+        model_tensors = {id(t): t for t in [*self.model.parameters(), *self.model.buffers()]}
+        base = sum(t.numel() * t.element_size() for key, t in model_tensors.items() if key not in stored)
+        adapters = sum(t.numel() * t.element_size() for t in stored.values())
+        return {"base": base, "adapters": adapters, "resident": len(self.resident())}
 
     # ----------------------------------------------------------------------------- routing
     def resolve(self, choice: AdapterChoice) -> None:
-        """Raise UnknownAdapterError (or ValueError for a bad mix) unless every name in `choice` is known."""
-        if self.prefix_for(choice) is not None:
-            return
-        for name in _choice_weights(choice):
-            with self.lock:
-                self._require(name)
+        """Raise UnknownAdapterError unless every name in `choice` is known, or ValueError for a weighted
+        mix with a member whose kind cannot be mixed."""
+        weights = _choice_weights(choice)
+        with self.lock:
+            kinds = {name: self._require(name).kind for name in weights}
+        if isinstance(choice, dict):
+            for name, kind in kinds.items():
+                if not kind.mixable:
+                    raise ValueError(f"{name!r} is {kind.label}, which cannot be part of a weighted mix; "
+                                     "request it alone")
 
     def acquire(self, choice: AdapterChoice) -> Route:
         """The slots serving `choice` ((slot, weight) pairs), held until `release`; loads evicted adapters."""
+        self.resolve(choice)
         weights = _choice_weights(choice)
         route: list[tuple[int, float]] = []
         try:
@@ -250,20 +216,24 @@ class AdapterBank:
             for slot, _ in route:
                 self._users[slot] -= 1
                 if self._users[slot] == 0:  # evictable now, or free if it was replaced or unloaded
-                    self._free(slot)
+                    if slot in self._retired:
+                        self._free(slot)
+                    self._slot_freed.notify_all()
 
     def set_routing(self, routes: list[Route]) -> None:
-        """Route row i of the next forward passes to `routes[i]` (call with `lock` held)."""
-        self.routing.set(routes)
+        """Route row i of the next forward passes to `routes[i]` (call with `lock` held): each store gets
+        the rows' routes restricted to its own slots."""
+        for store in self.stores.values():
+            store.route([tuple(entry for entry in route if self._slot_store[entry[0]] is store) for route in routes])
 
     # ----------------------------------------------------------------------------- internals
     def _require(self, name: str) -> _Known:
         if name not in self._known:
-            raise UnknownAdapterError(name, sorted([*self._known, *self._prefixes]))
+            raise UnknownAdapterError(name, sorted(self._known))
         return self._known[name]
 
-    def _read(self, path: str | os.PathLike) -> list[PlannedLayer]:
-        return plan_load(self.model, read_adapter(path), ignore_fingerprint=self.ignore_fingerprint)
+    def _read(self, kind: AdapterKind, path: str | os.PathLike) -> object:
+        return kind.plan(self.model, kind.read(Path(path)), ignore_fingerprint=self.ignore_fingerprint)
 
     def _acquire_one(self, name: str) -> int:
         """Count one more user of `name`'s slot, reading it back from disk first if it was evicted."""
@@ -274,13 +244,13 @@ class AdapterBank:
                     self._users[known.slot] += 1
                     self._lru.move_to_end(name)
                     return known.slot
-                path = known.path
-            planned = self._read(path)  # outside the lock: other adapters keep serving
+                path, kind = known.path, known.kind
+            planned = self._read(kind, path)  # outside the lock: other adapters keep serving
             with self.lock:
                 known = self._require(name)
                 if known.slot is None and known.path == path:
                     slot = self._free_slot()
-                    self._write(slot, planned)
+                    self._write(slot, kind, planned)
                     self._publish(name, slot)
 
     def _free_slot(self) -> int:
@@ -303,21 +273,14 @@ class AdapterBank:
                     "raise max_resident (--max-resident), unpin adapters, or retry later"
                 )
 
-    def _write(self, slot: int, planned: list[PlannedLayer]) -> None:
-        """Write `planned` into `slot` of every layer (zeros where it targets nothing). Every layer with
-        buffers holds `_capacity` slots, grown geometrically: loading n adapters copies O(n) slots."""
-        if slot >= self._capacity:
-            self._capacity = min(self.max_resident, max(slot + 1, 2 * self._capacity))
-        targeted = {layer.module: layer for layer in planned}
-        for module, routed in self.layers.items():
-            if module in targeted:
-                layer = targeted[module]
-                routed.reserve(self._capacity, layer.lora_a.shape[0])
-                routed.write_slot(slot, layer.lora_a, layer.lora_b, layer.scaling)
-            elif routed.lora_a is not None:
-                routed.reserve(self._capacity, 0)
-                routed.clear_slot(slot)
-        self.routing.invalidate()
+    def _write(self, slot: int, kind: AdapterKind, planned: object) -> None:
+        """Write `planned` into `slot` of its kind's store; the store that held the slot before forgets it."""
+        store = self.stores[kind.name]
+        previous = self._slot_store[slot]
+        if previous is not None and previous is not store:  # an evicted adapter of another kind
+            previous.clear(slot)
+        store.write(slot, planned)
+        self._slot_store[slot] = store
 
     def _publish(self, name: str, slot: int) -> None:
         self._known[name].slot = slot
@@ -332,8 +295,11 @@ class AdapterBank:
             self._free(slot)
 
     def _free(self, slot: int) -> None:
-        """`slot` may be taken now (loads waiting in `_free_slot` look again)."""
+        """`slot` holds nothing any more: its store forgets it, and loads waiting in `_free_slot` look again."""
         self._retired.discard(slot)
+        store, self._slot_store[slot] = self._slot_store[slot], None
+        if store is not None:
+            store.clear(slot)
         self._slot_freed.notify_all()
 
 
@@ -346,20 +312,3 @@ def _choice_weights(choice: AdapterChoice) -> dict[str, float]:
     if isinstance(choice, dict) and choice:
         return {str(name): float(weight) for name, weight in choice.items()}
     raise ValueError(f"adapter choice must be None, a name or a non-empty {{name: weight}} mix, found {choice!r}")
-
-
-def _wrap_linears(model: nn.Module, routing: Routing) -> dict[str, RoutedLinear]:
-    """Replace every nn.Linear of `model` by a RoutedLinear sharing `routing`; return them by name."""
-    lora = [name for name, module in model.named_modules() if isinstance(module, LoRALinear)]
-    if lora:
-        raise ValueError(
-            f"the adapter bank serves a plain base model, but {lora[0]!r} (and {len(lora) - 1} more) are LoRA "
-            "layers: call deltaw.unload(model) first, and load the adapters into the bank instead"
-        )
-    layers = {}
-    for name, module in linear_modules(model).items():
-        if isinstance(module, RoutedLinear):
-            raise ValueError(f"{name!r} is already routed: this model already has an AdapterBank")
-        layers[name] = RoutedLinear(module, routing)
-        model.set_submodule(name, layers[name])
-    return layers

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
+from transformers import Cache
+
+from deltaw import compat
 
 
 def left_pad(tensor: torch.Tensor, columns: int, dim: int) -> torch.Tensor:
@@ -20,28 +22,28 @@ def left_pad(tensor: torch.Tensor, columns: int, dim: int) -> torch.Tensor:
 
 
 def join(
-    cache: DynamicCache | None, mask: torch.Tensor | None, new_cache: DynamicCache, new_mask: torch.Tensor
-) -> tuple[DynamicCache, torch.Tensor]:
+    cache: Cache | None, mask: torch.Tensor | None, new_cache: Cache, new_mask: torch.Tensor
+) -> tuple[Cache, torch.Tensor]:
     """Rows of `new_cache` appended below those of `cache`, both left-padded to the longer one."""
     if cache is None:
         return new_cache, new_mask
     columns = max(mask.shape[1], new_mask.shape[1])
     old_pad, new_pad = columns - mask.shape[1], columns - new_mask.shape[1]
-    for layer, new_layer in zip(cache.layers, new_cache.layers, strict=True):
+    for layer, new_layer in zip(compat.cache_layers(cache), compat.cache_layers(new_cache), strict=True):
         layer.keys = torch.cat([left_pad(layer.keys, old_pad, -2), left_pad(new_layer.keys, new_pad, -2)])
         layer.values = torch.cat([left_pad(layer.values, old_pad, -2), left_pad(new_layer.values, new_pad, -2)])
     mask = torch.cat([left_pad(mask, old_pad, -1), left_pad(new_mask, new_pad, -1)])
     return cache, mask
 
 
-def keep_rows(cache: DynamicCache, mask: torch.Tensor, rows: list[int]) -> tuple[DynamicCache, torch.Tensor]:
+def keep_rows(cache: Cache, mask: torch.Tensor, rows: list[int]) -> tuple[Cache, torch.Tensor]:
     """Only `rows` (in that order), then without the leading columns that are padding in all of them."""
     index = torch.tensor(rows, dtype=torch.long, device=mask.device)
     mask = mask.index_select(0, index)
     real = mask.any(dim=0).nonzero()
     start = int(real[0]) if len(real) else mask.shape[1]
     mask = mask[:, start:]
-    for layer in cache.layers:
+    for layer in compat.cache_layers(cache):
         layer.keys = layer.keys.index_select(0, index)[:, :, start:]
         layer.values = layer.values.index_select(0, index)[:, :, start:]
     return cache, mask

@@ -12,15 +12,15 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from fastapi import Request
 from jinja2 import TemplateError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from deltaw.generation import chat_inputs
+from deltaw.models.chat import chat_inputs
 from deltaw.serve.bank import BankFullError, UnknownAdapterError
 from deltaw.serve.engine import Completion, RequestHandle, SamplingParams, TokenEvent, parse_adapter_choice
+from deltaw.serve.state import ServerState
 from deltaw.serve.protocol import (
     APIError,
     ChatRequest,
@@ -33,9 +33,6 @@ from deltaw.serve.protocol import (
     text_choice,
     usage,
 )
-
-if TYPE_CHECKING:
-    from deltaw.serve.app import ServerState
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 

@@ -21,11 +21,11 @@ The batch and its KV cache (one transformers DynamicCache, LEFT padded):
 - Leave: finished or cancelled rows are dropped with index_select; columns that are padding in
   every remaining row are trimmed from the left.
 
-Each row carries a Route (its adapter slots and weights, see serve/routed.py) and, for a prefix-tuning
-adapter, its prefixes; every forward routes the batch's rows through the bank and hands each row its
-prefix (deltaw.prefix.set_prefix_rows: its own keys/values in front, positions shifted by its T; a
-row without a prefix computes the base attention). The forward runs under `bank.lock`, so adapters loaded, replaced or
-evicted meanwhile are never seen half-written.
+Each row carries a Route (its adapters' slots and weights in the bank); every forward first routes the
+batch's rows through the bank, whose per-kind stores make each row compute its own adapter (LoRA: its
+delta in every routed linear layer; prefix-tuning: its keys/values in front at the attention
+interface; no route: the base model). The forward runs under `bank.lock`, so adapters loaded,
+replaced or evicted meanwhile are never seen half-written.
 """
 
 from __future__ import annotations
@@ -39,14 +39,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import DynamicCache
+from transformers import Cache
 
-from deltaw.lora import check_adapter_name
-from deltaw.prefix import set_prefix_rows
-from deltaw.serve.bank import AdapterBank, AdapterChoice, UnknownAdapterError
+from deltaw import compat
+from deltaw.adapters.state import check_adapter_name
+from deltaw.serve.bank import AdapterBank, AdapterChoice, Route, UnknownAdapterError
 from deltaw.serve.batch import join, keep_rows, prompt_batch
 from deltaw.serve.requests import Completion, EngineStats, RequestHandle, TokenEvent, summarize  # noqa: F401 (re-exported)
-from deltaw.serve.routed import Route
 from deltaw.serve.sampling import SamplingParams, TextStream, sample_token
 
 __all__ = [
@@ -57,7 +56,7 @@ __all__ = [
 
 @dataclass
 class _Row:
-    """A running request: its handle, route, prefixes, sampling state and real-token count in the cache."""
+    """A running request: its handle, route (its adapters' slots), sampling state and real-token count in the cache."""
 
     handle: RequestHandle
     route: Route
@@ -68,7 +67,6 @@ class _Row:
     length: int = 0  # real tokens in the cache for this row
     last_token: int = -1
     finished: bool = False
-    prefix: torch.Tensor | None = None  # [T, layers·2·token_dim] for a prefix-tuning adapter
 
 
 class Engine:
@@ -100,7 +98,7 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._waiting: deque[_Row] = deque()
         self._rows: list[_Row] = []
-        self._cache: DynamicCache | None = None
+        self._cache: Cache | None = None
         self._mask: torch.Tensor | None = None
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -139,11 +137,10 @@ class Engine:
     def submit(self, prompt_ids: list[int], adapter: AdapterChoice, params: SamplingParams) -> RequestHandle:
         """Queue a request; raises UnknownAdapterError or ValueError (bad input) before queueing."""
         self._check_prompt(prompt_ids, params)
-        prefix = self.bank.prefix_for(adapter)
-        route = () if prefix is not None else self.bank.acquire(adapter)
+        route = self.bank.acquire(adapter)
         handle = RequestHandle(f"req-{next(self._ids)}", len(prompt_ids))
         row = _Row(handle, route, params, params.generator(), TextStream(self.tokenizer, list(params.stop)),
-                   list(prompt_ids), prefix=prefix)
+                   list(prompt_ids))
         with self._wakeup:
             if self._stopping:
                 self.bank.release(route)
@@ -210,7 +207,7 @@ class Engine:
         """Run the newcomers' prompts (left-padded together), sample their first tokens, join the batch.
         If the forward fails, only the newcomers end (finish_reason "error"); the batch runs on."""
         input_ids, mask, positions = prompt_batch([row.prompt_ids for row in newcomers], self.pad_id)
-        cache = DynamicCache()
+        cache = compat.new_cache()
         try:
             logits = self._forward(newcomers, input_ids, mask, positions, cache)
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory for one long prompt
@@ -237,15 +234,14 @@ class Engine:
         self._drop_finished()
 
     def _forward(self, rows: list[_Row], input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 cache: DynamicCache) -> torch.Tensor:
+                 cache: Cache) -> torch.Tensor:
         """Last-position logits [rows, vocab] with each row routed to its adapters; the cache grows."""
         device = self.model.get_input_embeddings().weight.device
         with self.bank.lock:
             self.bank.set_routing([row.route for row in rows])
-            set_prefix_rows(self.model, [row.prefix for row in rows])
             output = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                position_ids=positions.to(device), past_key_values=cache, use_cache=True,
-                                logits_to_keep=1)
+                                position_ids=positions.to(device), **compat.cache_argument(self.model, cache),
+                                use_cache=True, logits_to_keep=1)
         return output.logits[:, -1, :].float().cpu()
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor, first: bool) -> None:

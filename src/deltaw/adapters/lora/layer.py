@@ -1,0 +1,291 @@
+"""LoRA: a frozen linear layer plus any number of named low-rank adapters.
+
+    x ──► W·x + b ─────────────────────────────┐
+    │                                          (+)──► y
+    └─► dropout ─► A [r, in] ─► B [out, r] ─► ·scaling
+
+    y = W·x + b + scaling · B·(A·x),   scaling = alpha / r   (or alpha / sqrt(r), rsLoRA)
+
+Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (2021);
+Kalajdzievski, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA" (2023).
+
+`LoRALinear` *replaces* an `nn.Linear` and keeps its `weight` and `bias` parameters under the same
+names (the very same tensors), so the base model's state-dict keys and values are unchanged by
+injection. A is initialised at random and B at zero, so a fresh adapter leaves the output
+bit-identical. B·(A·x) is computed, never (B·A)·x.
+
+Merging writes W + scaling·B·A into `weight` (the delta in float32, cast back to the weight's dtype)
+after copying the unmerged weight into `unmerged_weight`; unmerging copies it back, so unmerge is exact
+bit for bit and switching adapters by merge never drifts. The copy is made on the first merge and kept
+as a reusable buffer (no allocation, no page faults on later merges) until
+`unmerge_adapter(model, release_memory=True)`: its cost is one copy of each merged weight.
+
+QLoRA is one branch: built from an `NF4Linear`, the layer's `weight` is an `NF4Weight` (4-bit, frozen)
+and the base product runs through `linear_nf4`, which dequantizes block-wise on the fly. Merging into
+an NF4 weight re-quantizes W + scaling·B·A, which is lossy: the layer records the error it introduced
+(`merge_error`), and unmerging restores the original 4-bit weight exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deltaw.adapters.state import check_adapter_name
+from deltaw.quant.linear import NF4Linear, linear_nf4
+from deltaw.quant.nf4 import NF4Weight, quantize
+
+class AdapterParameters(nn.Module):
+    """Adapter name -> Parameter. Unlike nn.ParameterDict, any adapter name works (even 'copy' or
+    'train'): entries live only in `_parameters`, never as attributes, so no name can clash with a
+    method. State-dict keys are `<prefix>.<adapter name>`."""
+
+    def __getitem__(self, name: str) -> nn.Parameter:
+        return self._parameters[name]
+
+    def __setitem__(self, name: str, value: nn.Parameter) -> None:
+        self._parameters[name] = value
+
+    def __delitem__(self, name: str) -> None:
+        del self._parameters[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._parameters
+
+    def __iter__(self):
+        return iter(self._parameters)
+
+    def __len__(self) -> int:
+        return len(self._parameters)
+
+
+class LoRALinear(nn.Module):
+    """An nn.Linear with named low-rank adapters, at most one of them active at a time.
+
+    Attributes:
+        weight: [out, in], the frozen base weight (the original nn.Linear's parameter, or an NF4Weight).
+        bias: [out] or None, the original bias.
+        lora_A: adapter name -> [r, in].
+        lora_B: adapter name -> [out, r].
+        scaling: adapter name -> float.
+        active: the adapter added in forward, or None for the base layer.
+        merged: the adapter currently added into `weight`, or None.
+        unmerged_weight: [out, in] copy of the base weight, made by the first merge; it holds the base
+            weight whenever `merged` is set, and is scratch space otherwise (the NF4 branch keeps the
+            original NF4Weight instead).
+        merge_error: after a merge into an NF4 weight, ||Q(W + ΔW) − (W + ΔW)|| / ||ΔW|| (Frobenius):
+            the re-quantization error relative to the update; None otherwise.
+    """
+
+    wraps_linear = True  # deltaw.adapters.targets counts it as the linear layer it replaced
+
+    def __init__(self, base: nn.Linear | NF4Linear) -> None:
+        super().__init__()
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.lora_A = AdapterParameters()
+        self.lora_B = AdapterParameters()
+        self.lora_dropout: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.active: str | None = None
+        self.merged: str | None = None
+        self.merge_error: float | None = None
+        self.register_buffer("unmerged_weight", None, persistent=False)
+
+    @property
+    def quantized(self) -> bool:
+        """True when the base weight is stored as NF4 (QLoRA)."""
+        return isinstance(self.weight, NF4Weight)
+
+    # ----------------------------------------------------------------------------- adapters
+    def add_adapter(
+        self,
+        name: str,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scaling: float,
+        dropout: float = 0.0,
+    ) -> None:
+        """Attach adapter `name` with A: [r, in] and B: [out, r] (taken as given, not copied)."""
+        check_adapter_name(name)
+        rank = lora_a.shape[0]
+        if lora_a.shape != (rank, self.in_features) or lora_b.shape != (self.out_features, rank):
+            raise ValueError(
+                f"adapter {name!r}: expected lora_A [{rank}, {self.in_features}] and lora_B "
+                f"[{self.out_features}, {rank}], found {list(lora_a.shape)} and {list(lora_b.shape)}"
+            )
+        self.lora_A[name] = nn.Parameter(lora_a, requires_grad=False)
+        self.lora_B[name] = nn.Parameter(lora_b, requires_grad=False)
+        self.scaling[name] = float(scaling)
+        self.lora_dropout[name] = float(dropout)
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter `name` from this layer (it must not be merged)."""
+        if self.merged == name:
+            raise RuntimeError(f"adapter {name!r} is merged; call unmerge_adapter(model) before deleting it")
+        del self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        del self.scaling[name]
+        if self.active == name:
+            self.active = None
+        if not self.lora_A:
+            self.unmerged_weight = None
+
+    def rank(self, name: str) -> int:
+        """The rank r of adapter `name` in this layer."""
+        return self.lora_A[name].shape[0]
+
+    # ----------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., in] -> [..., out]."""
+        y = linear_nf4(x, self.weight, self.bias) if self.quantized else F.linear(x, self.weight, self.bias)
+        name = self.active
+        if name is None or self.merged is not None:
+            return y
+        dropout = self.lora_dropout[name]
+        if dropout > 0 and self.training:
+            x = F.dropout(x, dropout, training=True)
+        return self._add_lora(y, x, name)
+
+    def _add_lora(self, y: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        """y + scaling·B·(A·x); y: [..., out], x: [..., in]. One fused multiply-add for B.
+
+        Under autocast (bf16 training with fp32 adapter weights) the matmuls run in the autocast dtype;
+        without it, mixed dtypes compute the adapter in its own dtype and cast the result back.
+        """
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        scaling = self.scaling[name]
+        mixed = x.dtype != lora_a.dtype or y.dtype != lora_b.dtype
+        if mixed and not torch.is_autocast_enabled(x.device.type):
+            delta = F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b)
+            return y + (delta * scaling).to(y.dtype)
+        ax = F.linear(x, lora_a).reshape(-1, lora_a.shape[0])  # [tokens, r]
+        out = torch.addmm(y.reshape(-1, self.out_features), ax, lora_b.t(), alpha=scaling)
+        return out.view(y.shape)
+
+    # ----------------------------------------------------------------------------- merging
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """scaling·B·A in float32: [out, in]."""
+        lora_a = self.lora_A[name].detach().float()
+        lora_b = self.lora_B[name].detach().float()
+        return (lora_b @ lora_a).mul_(self.scaling[name])
+
+    @torch.no_grad()
+    def merge_(self, name: str) -> None:
+        """weight <- base weight + scaling·B·A (float32 arithmetic, rounded once to the weight's dtype).
+
+        The base weight is first copied into `unmerged_weight` (a buffer reused across merges, so
+        repeated merges allocate nothing). Merging while another adapter is merged replaces it: the
+        sum always starts from that copy, so the result equals a fresh merge of `name` bit for bit.
+        """
+        if name not in self.lora_A:
+            raise KeyError(f"adapter {name!r} is not in this layer; it has {list(self.lora_A)}")
+        if self.merged == name:
+            return
+        if self.quantized:
+            self._merge_nf4(name)
+            return
+        weight = self.weight.data
+        if self.merged is None:
+            if self.unmerged_weight is None or self.unmerged_weight.shape != weight.shape:
+                self.unmerged_weight = torch.empty_like(weight)
+            self.unmerged_weight.copy_(weight)
+        lora_a, lora_b = self.lora_A[name].detach(), self.lora_B[name].detach()
+        if weight.dtype == lora_a.dtype == lora_b.dtype:
+            # one pass: read the kept base, write the sum (no copy first); a bf16 GEMM accumulates in fp32
+            # and rounds once, as the fp32 path below does
+            torch.addmm(self.unmerged_weight, lora_b, lora_a, alpha=self.scaling[name], out=weight)
+        else:
+            weight.copy_(torch.addmm(self.unmerged_weight.float(), lora_b.float(), lora_a.float(),
+                                     alpha=self.scaling[name]))
+        self.merged = name
+        self.active = name
+
+    def _original_nf4(self) -> NF4Weight:
+        """The NF4 base weight as it was before any merge."""
+        kept = self.__dict__.get("_unmerged_nf4")
+        return self.weight if kept is None else kept
+
+    @torch.no_grad()
+    def _merge_nf4(self, name: str) -> None:
+        """weight <- Q(dequantize(base) + scaling·B·A), re-quantized with the base's settings; the original
+        NF4Weight is kept aside, so unmerge is exact. Sets `merge_error`."""
+        base = self._original_nf4()
+        delta = self.delta_weight(name).to(base.device)
+        if not delta.any():  # nothing to add: re-quantizing would still move the block scales
+            merged, self.merge_error = base, 0.0
+        else:
+            target = base.dequantize(torch.float32).add_(delta)
+            merged = quantize(target, base.blocksize, base.double_quant).to(base.device)
+            merged.dtype = base.dtype
+            self.merge_error = float(merged.dequantize(torch.float32).sub_(target).norm() / delta.norm())
+        self.__dict__["_unmerged_nf4"] = base
+        self.weight = merged
+        self.merged = name
+        self.active = name
+
+    @torch.no_grad()
+    def unmerge_(self, release_memory: bool = False) -> None:
+        """Restore the base weight bit for bit; with `release_memory` also free the kept copy."""
+        if self.merged is not None and self.quantized:
+            self.weight = self.__dict__.pop("_unmerged_nf4").to(self.weight.device)
+            self.merged, self.merge_error = None, None
+        elif self.merged is not None:
+            self.weight.data.copy_(self.unmerged_weight)
+            self.merged = None
+        if release_memory:
+            self.unmerged_weight = None
+
+    def unwrap(self) -> nn.Linear | NF4Linear:
+        """The plain layer holding this layer's current weight (merged or not) and bias: an nn.Linear, or an
+        NF4Linear for a 4-bit weight. Adapters are dropped."""
+        if self.quantized:
+            return NF4Linear(self.weight, self.bias)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = self.weight
+        if self.bias is not None:
+            linear.bias = self.bias
+        return linear
+
+    def base_weight(self) -> torch.Tensor:
+        """The unmerged base weight [out, in], whether or not an adapter is merged (dequantized if NF4)."""
+        if self.quantized:
+            return self._original_nf4().dequantize()
+        return self.weight if self.merged is None else self.unmerged_weight
+
+    def extra_repr(self) -> str:
+        ranks = {name: self.rank(name) for name in self.lora_A}
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, adapters={ranks}, active={self.active}, merged={self.merged}"
+        )
+
+
+def init_lora_weights(
+    in_features: int,
+    out_features: int,
+    rank: int,
+    init: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fresh adapter: A [r, in] random, B [out, r] zero.
+
+    "kaiming": A ~ U(-1/sqrt(in), 1/sqrt(in)), which is kaiming_uniform_(a=sqrt(5)) as in nn.Linear
+    and PEFT's default. "gaussian": A ~ N(0, 1/r), PEFT's `init_lora_weights="gaussian"`.
+    """
+    lora_a = torch.empty(rank, in_features, dtype=torch.float32, device=device)
+    if init == "kaiming":
+        bound = 1.0 / math.sqrt(in_features)
+        lora_a.uniform_(-bound, bound, generator=generator)
+    elif init == "gaussian":
+        lora_a.normal_(0.0, 1.0 / rank, generator=generator)
+    else:
+        raise ValueError(f"unknown LoRA init {init!r}: use 'kaiming' or 'gaussian'")
+    lora_b = torch.zeros(out_features, rank, dtype=dtype, device=device)
+    return lora_a.to(dtype), lora_b

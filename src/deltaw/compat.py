@@ -1,0 +1,115 @@
+"""The transformers internals deltaw relies on, in one place (tested by tests/unit/test_compat.py).
+
+transformers moves under its users: 5.24 renamed the KV-cache argument and output field
+`past_key_values` to `cache`, and deltaw's prefix-tuning read the old name (seven tests failed).
+Everything below public API that deltaw touches goes through this module, so that the next change
+breaks one function here and one clearly named test:
+
+    attention functions   register_attention, sdpa_attention, eager_attention: the call convention
+                          (module, query, key, value, mask, **kwargs) of transformers' attention interface
+    attention choice      attention_implementation, set_attention_implementation
+    the decoder stack     decoder(model): where the prefix pre-hook and the chunked loss attach
+    KV caches             new_cache, find_cache (by type, whatever it is called), cache_argument (the forward
+                          keyword), cache_layers (per-layer keys/values the serving engine joins and trims)
+    loading               load_gguf (GGUF files dequantized to float), empty_model (no weight init)
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, Cache, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+AttentionFunction = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+"""(module, query [b, heads, q, d], key [b, kv_heads, kv, d], value [b, kv_heads, kv, d], mask, **kwargs)
+-> (output [b, q, heads, d], weights or None): the signature of transformers' attention functions."""
+
+
+# --------------------------------------------------------------------------------------------- attention
+def register_attention(name: str, function: AttentionFunction, masks_like: str) -> None:
+    """Make `model.set_attn_implementation(name)` run `function`, with the masks built for `masks_like`
+    ("sdpa": 4-D bool, True attends, or None for plain causal; "eager": 4-D additive float)."""
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, sdpa_mask if masks_like == "sdpa" else eager_mask)
+
+
+def sdpa_attention() -> AttentionFunction:
+    """transformers' own SDPA attention function."""
+    return sdpa_attention_forward
+
+
+def eager_attention(module: nn.Module) -> AttentionFunction:
+    """The eager attention function of the model that `module` (an attention layer) belongs to."""
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise ValueError(f"{type(module).__name__} has no eager_attention_forward; use attention 'sdpa'")
+    return eager
+
+
+def attention_implementation(model: nn.Module) -> str:
+    """The name of the attention function `model` runs ("sdpa" when the config leaves it unset)."""
+    return getattr(model.config, "_attn_implementation", None) or "sdpa"
+
+
+def set_attention_implementation(model: nn.Module, name: str) -> None:
+    model.set_attn_implementation(name)
+
+
+def decoder(model: nn.Module) -> nn.Module:
+    """The decoder stack of a causal LM (embeddings, layers, final norm; no head): it returns hidden states."""
+    return model.base_model
+
+
+# --------------------------------------------------------------------------------------------- KV caches
+def new_cache() -> Cache:
+    """An empty cache that grows with every forward (one layer object per decoder layer)."""
+    return DynamicCache()
+
+
+def find_cache(values: Iterable[Any]) -> Cache | None:
+    """The KV cache among a forward's arguments or an output's fields, found by its type, not its name
+    (`past_key_values` up to transformers 5.23, `cache` from 5.24)."""
+    return next((value for value in values if isinstance(value, Cache)), None)
+
+
+def cache_argument(model: nn.Module, cache: Cache) -> dict[str, Cache]:
+    """The keyword with which `model`'s forward takes a cache: {"cache": cache} from transformers 5.24,
+    {"past_key_values": cache} before (the old keyword still works in 5.24 with a warning, until 5.40)."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+def cache_layers(cache: Cache) -> list[Any]:
+    """The cache's per-layer entries; each has `keys` and `values` [batch, kv_heads, tokens, head_dim], which
+    may be read and replaced (the serving engine joins, drops and trims rows this way)."""
+    return list(cache.layers)
+
+
+# --------------------------------------------------------------------------------------------- loading
+def load_gguf(directory: str, filename: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) from a GGUF file: transformers dequantizes every tensor to plain float `nn.Linear`
+    weights in `dtype`; the GGUF "quantization" marks are dropped so the model saves like any other."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=dtype)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tokenizer
+
+
+def empty_model(config: Any, dtype: torch.dtype) -> nn.Module:
+    """The causal LM of `config` without running weight initialisation (its tensors are loaded next)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
