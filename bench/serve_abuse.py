@@ -6,7 +6,7 @@ on the bundled SmolLM2-135M behind a real uvicorn server (the probes of issue #1
    answered while it was being handled (/health polled every 20 ms).
 2. Stop strings: a neighbour's greedy 32-token request alone, beside 8 decoding requests without stop
    strings, and beside 8 with the most stop strings allowed (32 of 256 characters); the three alternate
-   within each round; medians, and the ratio.
+   within each round; medians, and the ratio. Then the stop check's own cost per token.
 
 Run it on a tree without the limits too (`PYTHONPATH=/work/main/src`) to see the "before" column.
 
@@ -31,6 +31,7 @@ import torch
 import deltaw
 from deltaw.serve import AdapterBank, Engine
 from deltaw.serve.app import BackgroundServer, create_app
+from deltaw.serve.sampling import TextStream
 
 warnings.filterwarnings("ignore")
 CHAT = "/v1/chat/completions"
@@ -128,6 +129,18 @@ def stop_string_cost(url: str, rounds: int) -> dict[str, float]:
     return {key: statistics.median(values) for key, values in times.items()}
 
 
+def stop_check_ms(tokenizer, stops: list[str]) -> float:
+    """Milliseconds a token of `TextStream` (decoding, stop search, hold-back), best of 5 over 96 tokens."""
+    ids = tokenizer("Once upon a time, in a land far away, there lived a king with three daughters. " * 3)
+    best = float("inf")
+    for _ in range(5):
+        stream, start = TextStream(tokenizer, stops), time.perf_counter()
+        for token in ids["input_ids"][:96]:
+            stream.push(token)
+        best = min(best, (time.perf_counter() - start) / 96 * 1e3)
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -150,6 +163,9 @@ def main() -> None:
                 print(f"| beside 8 requests without stop strings | {cost['plain']:.2f} | 1.00x |")
                 print(f"| beside 8 requests with 32 stop strings of 256 chars | {cost['stops']:.2f} | "
                       f"{cost['stops'] / cost['plain']:.2f}x |")
+                most = [f"{index:02d}" + "~" * 254 for index in range(32)]
+                print(f"\nstop check per token: {stop_check_ms(engine.tokenizer, []):.3f} ms without stop strings, "
+                      f"{stop_check_ms(engine.tokenizer, most):.3f} ms with 32 of 256 characters")
         finally:
             engine.shutdown()
 
