@@ -154,7 +154,8 @@ def main() -> None:
         engine, app = start_server(Path(tmp))
         try:
             with BackgroundServer(app) as url:
-                print("\n| request | status | seconds to the answer | slowest /health meanwhile (s) |\n|---|---|---|---|")
+                print("\n| request | status | seconds to the answer | slowest /health meanwhile (s) |")
+                print("|---|---|---|---|")
                 for label, status, seconds, slowest in oversized(url):
                     print(f"| {label} | {status} | {seconds:.2f} | {slowest} |")
                 cost = stop_string_cost(url, args.rounds)

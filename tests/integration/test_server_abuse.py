@@ -281,8 +281,9 @@ def test_a_prompt_too_long_to_fit_is_refused_before_it_is_tokenized(server, monk
 
 def test_prompt_text_that_is_not_unicode_is_a_400(server):
     client, *_ = server
-    for path, body in (("/v1/completions", b'{"model": "p0", "prompt": "a \\ud800 b"}'),
-                       ("/v1/chat/completions", b'{"model": "p0", "messages": [{"role": "user", "content": "\\udfff"}]}')):
+    chat = b'{"model": "p0", "messages": [{"role": "user", "content": "\\udfff"}]}'
+    text = b'{"model": "p0", "prompt": "a \\ud800 b"}'
+    for path, body in (("/v1/completions", text), ("/v1/chat/completions", chat)):
         response = client.post(path, content=body, headers={"Content-Type": "application/json"})
         assert_openai_error(response, 400, None, "lone surrogate")
 

@@ -78,10 +78,11 @@ def check_prompt_text(state: ServerState, body: ChatRequest | CompletionRequest)
     except UnicodeEncodeError as exc:
         raise APIError(400, f"{param}: not valid Unicode text (a lone surrogate {exc.object[exc.start]!r}); "
                        "send the text as it is, not as UTF-16 halves", param, "invalid_text") from None
-    if size > state.max_prompt_bytes():
+    limit = state.max_prompt_bytes()
+    if size > limit:
         raise APIError(400, f"the prompt's text is {size:,} bytes, more than {state.engine.max_model_len} tokens "
-                       f"(the model length limit) can hold ({state.max_prompt_bytes():,} bytes at most); "
-                       "shorten the prompt", param, "prompt_too_long")
+                       f"(the model length limit) can hold ({limit:,} bytes at most); shorten the prompt",
+                       param, "prompt_too_long")
 
 
 def prompt_ids(state: ServerState, body: ChatRequest | CompletionRequest) -> list[int]:
