@@ -1,20 +1,24 @@
 """The `deltaw` command: one sub-command per task, each a settings dataclass and the library call it feeds.
 
 Flags, their defaults and their help come from the dataclasses (deltaw.flags), so a default is written
-once, next to the code that uses it. A user-caused error prints one line and exits with status 2.
+once, next to the code that uses it. A user-caused error prints one line and exits with status 2: bad
+settings, unusable inputs, and any file-system error (an --out under a file, on a read-only file
+system, ...). A command that writes --out checks it can before it starts working.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from deltaw.adapters import AdapterFormatError, describe_adapter
 from deltaw.adapters.targets import TargetError
-from deltaw.flags import add_flags, build
+from deltaw.flags import Parser, add_flags, build
 from deltaw.models.loading import ModelLoadError
 from deltaw.serve.app import serve
 from deltaw.serve.config import ServeConfig
@@ -29,7 +33,7 @@ from deltaw.train.checkpoint import CheckpointError
 from deltaw.train.data import DataError
 
 USER_ERRORS = (AdapterFormatError, TargetError, ModelLoadError, DataError, TrainingError, CheckpointError,
-               FileExistsError, FileNotFoundError, KeyError, ValueError)
+               OSError, KeyError, ValueError)
 
 
 @dataclass
@@ -68,7 +72,7 @@ QUIET = {"generate", "merge", "quantize", "serve"}  # commands that print as the
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deltaw", description="Low-rank adapters on one frozen base model.")
+    parser = Parser(prog="deltaw", description="Low-rank adapters on one frozen base model.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, settings, _) in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
@@ -80,14 +84,39 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _, settings, run = COMMANDS[args.command]
     try:
-        result = run(build(settings, args))
+        options = build(settings, args)
+        if isinstance(getattr(options, "out", None), str):
+            check_output_dir(options.out)
+        result = run(options)
         if result is not None and args.command not in QUIET:
             print(result)
     except USER_ERRORS as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"deltaw {args.command}: error: {message}", file=sys.stderr)
+        print(f"deltaw {args.command}: error: {error_line(exc)}", file=sys.stderr)
         return 2
     return 0
+
+
+def check_output_dir(out: str) -> None:
+    """Raise ValueError unless `out` is, or can become, a directory this process may write into: its
+    nearest existing ancestor must be a directory, writable (not on a read-only file system, not
+    immutable, not forbidden)."""
+    existing = Path(out).expanduser().absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, not a directory; choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot write in {existing} (read-only, immutable or not permitted); "
+                         "choose another --out")
+
+
+def error_line(exc: BaseException) -> str:
+    """One line saying what went wrong: a KeyError's message without its quotes, an OSError's file and reason."""
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    if isinstance(exc, OSError) and exc.filename and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":

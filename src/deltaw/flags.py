@@ -36,6 +36,17 @@ import typing
 from typing import Any
 
 _ATTRIBUTE = re.compile(r"^(\s+)([A-Za-z_][\w, ]*):\s*(.*)$")
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, taking every negative number as a value: `--lr -1e-3` and `--lr -inf` reach the
+    settings' own range checks (argparse alone reads only `-5` and `-.5` as numbers, and anything else
+    starting with '-' as an unknown flag). Its sub-command parsers are Parsers too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBER
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -34,18 +34,19 @@ def write_random_adapters(model: nn.Module, directory: Path, configs: dict[str, 
 
 @contextlib.contextmanager
 def running_server(model: nn.Module, tokenizer, base_name: str, adapters_dir: Path, served: list[str],
-                   max_model_len: int = 512, max_batch_size: int = 16) -> Iterator[tuple[str, Engine]]:
+                   max_model_len: int = 512, max_batch_size: int = 16, max_resident: int = 8,
+                   **app_options) -> Iterator[tuple[str, Engine]]:
     """A real HTTP server (uvicorn, on a thread) over a copy of `model` serving `served` from `adapters_dir`.
 
-    Yields (base URL, engine); the server requires API_KEY.
+    Yields (base URL, engine); the server requires API_KEY. `app_options` go to create_app.
     """
-    bank = AdapterBank(copy.deepcopy(model), max_resident=8, adapters_dir=adapters_dir)
+    bank = AdapterBank(copy.deepcopy(model), max_resident=max_resident, adapters_dir=adapters_dir)
     for name in served:
         bank.load(name, adapters_dir / name)
     engine = Engine(bank.model, tokenizer, bank, max_batch_size=max_batch_size, max_model_len=max_model_len)
     engine.start()
     try:
-        with BackgroundServer(create_app(engine, bank, tokenizer, base_name, api_key=API_KEY)) as url:
+        with BackgroundServer(create_app(engine, bank, tokenizer, base_name, api_key=API_KEY, **app_options)) as url:
             yield url, engine
     finally:
         engine.shutdown()

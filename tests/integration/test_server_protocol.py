@@ -69,7 +69,9 @@ BAD_CHAT = [
     ({**CHAT, "stop": [""]}, "stop", "non-empty"),
     ({**CHAT, "logprobs": True}, None, "'logprobs' is not supported"),
     ({**CHAT, "stream": "yes please"}, "stream", "valid boolean"),
-    ({**CHAT, "seed": -1}, None, "seed must be a non-negative integer"),
+    ({**CHAT, "seed": -1}, "seed", "seed must be an integer in [0, 2**64)"),
+    ({**CHAT, "seed": 2**64}, "seed", "seed must be an integer in [0, 2**64)"),
+    ({**CHAT, "stop": ["x"] * 33}, "stop", "at most 32 stop strings"),
     ({**CHAT, "max_tokens": 1000}, None, "exceeds the model length limit of 64"),
     ({**CHAT, "messages": [{"role": "user", "content": "word " * 200}]}, None, "shorten the prompt"),
     ({**CHAT, "model": "alpha*x+beta"}, "model", "not a finite number"),
@@ -183,7 +185,8 @@ def test_admin_refuses_paths_outside_the_adapters_directory(server):
     for name in ("../alpha", "/etc", str(adapters_dir / "gamma"), "gamma/../alpha", "a.b"):
         assert_openai_error(client.post("/v1/adapters", json={"name": name}), 400, "name", "invalid adapter name")
     assert_openai_error(client.post("/v1/adapters", json={"name": "escape"}), 400, "name", "outside the adapters")
-    assert_openai_error(client.post("/v1/adapters", json={"name": "missing"}), 404, "name", "gamma")
+    error = assert_openai_error(client.post("/v1/adapters", json={"name": "missing"}), 404, "name", "'missing'")
+    assert "gamma" not in error["message"] and str(adapters_dir) not in error["message"]  # no listing, no path
     assert_openai_error(client.post("/v1/adapters", json={"name": "gamma", "path": "/etc"}), 400, "path")
     assert_openai_error(client.post("/v1/adapters", json={"name": "tiny"}), 400, "name", "base model")
     served = [card["id"] for card in client.get("/v1/models").json()["data"]]

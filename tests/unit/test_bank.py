@@ -5,6 +5,7 @@ the checks on names and paths."""
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 import deltaw
+from deltaw.adapters.files import CONFIG_FILE, WEIGHTS_FILE, AdapterFormatError
 from deltaw.adapters.lora.files import lora_config_dict, write_adapter
 from deltaw.serve.bank import AdapterBank, BankFullError, UnknownAdapterError
 from deltaw.adapters.targets import linear_modules
@@ -228,14 +230,54 @@ def test_load_from_dir_refuses_traversal_absolute_paths_and_symlink_escapes(adap
             bank.load_from_dir(bad)
     with pytest.raises(ValueError, match="outside the adapters directory"):
         bank.load_from_dir("escape")
-    with pytest.raises(FileNotFoundError, match="available: escape, full"):
+    with pytest.raises(FileNotFoundError, match="no adapter directory 'nothing'") as missing:
         bank.load_from_dir("nothing")
+    assert "escape" not in str(missing.value) and str(served) not in str(missing.value)  # no listing, no path
     with pytest.raises(ValueError, match="outside"):
         bank.load_from_dir("full")  # a symlink to elsewhere is an escape too
     (served / "own").mkdir()
     write_random_adapter(served / "own", make_tiny_llama(), ATTENTION, rank=2, seed=5)
     bank.load_from_dir("own")
     assert bank.names() == ["own"]
+
+
+@pytest.mark.parametrize("linked", [CONFIG_FILE, WEIGHTS_FILE])
+def test_load_from_dir_refuses_a_file_linked_outside_and_names_no_server_path(adapters, tmp_path, linked):
+    served, secret = tmp_path / "served", tmp_path / "secret"
+    shutil.copytree(adapters["attn"], served / "attn")
+    shutil.copytree(adapters["attn"], secret)
+    if linked == CONFIG_FILE:  # a JSON file of the server's whose field an error message would echo
+        (secret / CONFIG_FILE).write_text('{"peft_type": "LORA", "r": "the server\'s secret"}')
+    (served / "attn" / linked).unlink()
+    (served / "attn" / linked).symlink_to(secret / linked)
+    bank = AdapterBank(make_tiny_llama(), adapters_dir=served)
+    with pytest.raises(AdapterFormatError, match=f"^attn/{linked}: a link that leads outside") as refused:
+        bank.load_from_dir("attn")
+    assert "secret" not in str(refused.value) and str(tmp_path) not in str(refused.value)
+    assert bank.names() == []
+    if linked == WEIGHTS_FILE:
+        bank.load("attn", served / "attn")  # a path the operator gives is theirs to link as they like
+        assert bank.names() == ["attn"]
+
+
+def test_an_adapter_of_the_directory_is_confined_again_when_read_back_after_eviction(adapters, tmp_path):
+    served = tmp_path / "served"
+    for name in ("attn", "full"):
+        shutil.copytree(adapters[name], served / name)
+    bank = AdapterBank(make_tiny_llama(), max_resident=1, adapters_dir=served)
+    bank.load_from_dir("attn")
+    bank.load_from_dir("full")  # evicts attn
+    (served / "attn" / WEIGHTS_FILE).unlink()
+    (served / "attn" / WEIGHTS_FILE).symlink_to(adapters["attn"] / WEIGHTS_FILE)
+    with pytest.raises(AdapterFormatError, match="a link that leads outside"):
+        bank.acquire("attn")
+    data = (adapters["attn"] / WEIGHTS_FILE).read_bytes()
+    (served / "attn" / WEIGHTS_FILE).unlink()
+    (served / "attn" / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(AdapterFormatError, match=f"^attn/{WEIGHTS_FILE}: truncated or corrupt") as corrupt:
+        bank.acquire("attn")
+    assert str(tmp_path) not in str(corrupt.value)
+    assert sum(bank._users) == 0
 
 
 def test_the_bank_needs_a_plain_base_model_and_reports_memory(adapters):

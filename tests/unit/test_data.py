@@ -1,5 +1,7 @@
 """JSONL data: what gets loss in each shape, truncation, packing, and errors that name file and line."""
 
+import json
+
 import pytest
 
 from deltaw.train.data import IGNORE, DataError, collate, load_jsonl, pack, split_validation
@@ -111,3 +113,13 @@ def test_collate_pads_right_and_masks_pads(tmp_path, tokenizer):
     assert batch["input_ids"].shape == (2, len(examples[1].input_ids))
     assert batch["attention_mask"][0, :size].all() and not batch["attention_mask"][0, size:].any()
     assert (batch["labels"][0, size:] == IGNORE).all()
+
+
+def test_a_line_that_is_not_utf8_is_that_lines_error_or_skipped(tmp_path, tokenizer):
+    path = tmp_path / "data.jsonl"
+    good = json.dumps(chat("a", "b")).encode()
+    path.write_bytes(good + b"\n" + b'{"text": "caf\xe9"}\n' + good + b"\n")  # Latin-1, not UTF-8
+    with pytest.raises(DataError, match=r"data.jsonl:2: not UTF-8 text \(byte 0xe9 at column 14\)"):
+        load_jsonl(path, tokenizer, 512)
+    dataset = load_jsonl(path, tokenizer, 512, skip_bad_lines=True)
+    assert [e.line for e in dataset.examples] == [1, 3] and "data.jsonl:2: not UTF-8" in dataset.skipped[0]

@@ -3,12 +3,14 @@ max_tokens, EOS, cancellation, submit-time errors and the `model` field's mix sy
 
 from __future__ import annotations
 
+import pydoc
 import threading
 from pathlib import Path
 
 import pytest
 import torch
 
+from deltaw.serve import engine as engine_module
 from deltaw.serve.bank import AdapterBank, UnknownAdapterError
 from deltaw.serve.engine import Engine, SamplingParams, parse_adapter_choice
 from tests.conftest import make_tiny_llama
@@ -130,6 +132,9 @@ def test_concurrent_clients_from_threads_all_finish(engine):
     ([1], SamplingParams(top_p=0), r"top_p must be a number in \(0, 1\]"),
     ([1], SamplingParams(stop=[""]), "stop must be a list of non-empty strings"),
     ([1], SamplingParams(seed=-3), "seed"),
+    ([1], SamplingParams(seed=2**64), r"seed must be an integer in \[0, 2\*\*64\)"),
+    ([1], SamplingParams(stop=["x"] * 33), "at most 32 stop strings, found 33"),
+    ([1], SamplingParams(stop=["x" * 257]), "at most 256 characters, found one of 257"),
 ])
 def test_submit_rejects_bad_requests_before_queueing(engine, prompt, params, message):
     with pytest.raises(ValueError, match=message):
@@ -148,7 +153,8 @@ def test_parse_adapter_choice():
     assert parse_adapter_choice("pirate*0.5+robot*0.5", "base") == {"pirate": 0.5, "robot": 0.5}
     assert parse_adapter_choice(" pirate * 2 + robot ", "base") == {"pirate": 2.0, "robot": 1.0}
     for bad, message in [("pirate*x", "not a finite number"), ("pirate+pirate", "twice"), ("a*1+", "invalid adapter name"),
-                         ("base*0.5+a", "cannot be part of a mix"), ("a*nan", "finite")]:
+                         ("base*0.5+a", "cannot be part of a mix"), ("a*nan", "finite"),
+                         ("a*1e30+b", r"outside \[-100, 100\]"), ("a*-101", "outside")]:
         with pytest.raises(ValueError, match=message):
             parse_adapter_choice(bad, "base")
 
@@ -177,4 +183,85 @@ def test_a_failing_forward_ends_its_requests_with_an_error_and_the_engine_serves
     with pytest.raises(RuntimeError, match="out of memory"):
         handle.result()
     assert engine.submit(PROMPTS[0], "attn", SamplingParams(max_tokens=4)).result().completion_tokens == 4
+    assert sum(engine.bank._users) == 0
+
+
+# ----------------------------------------------------------------------------- a bad request fails alone
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_tokens=8, temperature=1e-44),  # logits / temperature would overflow to inf
+    SamplingParams(max_tokens=8, temperature=1.0, top_p=1e-46, seed=3),  # below the smallest float32
+], ids=["tiny temperature", "tiny top_p"])
+def test_degenerate_temperature_and_top_p_take_the_most_likely_token(engine, params):
+    greedy = run(engine, PROMPTS[2], "full", SamplingParams(max_tokens=8))
+    assert run(engine, PROMPTS[2], "full", params) == greedy
+
+
+def test_a_row_with_non_finite_logits_or_a_failing_sampler_ends_alone(engine, monkeypatch):
+    """Neighbours already decoding when two bad rows join finish exactly as they do alone."""
+    greedy = SamplingParams(max_tokens=12)
+    solo = [run(engine, prompt, choice, greedy) for prompt, choice in zip(PROMPTS[:3], CHOICES[:3])]
+    forward, sample = engine._forward, engine_module.sample_token
+
+    def nan_for_mixes(rows, *args):  # the forward of a row routed to a mix yields NaN logits
+        logits = forward(rows, *args)
+        logits[[index for index, row in enumerate(rows) if len(row.route) > 1]] = float("nan")
+        return logits
+
+    def failing_for_seed_13(logits, params, generator):
+        if params.seed == 13:
+            raise RuntimeError("sampler failure")
+        return sample(logits, params, generator)
+
+    monkeypatch.setattr(engine, "_forward", nan_for_mixes)
+    monkeypatch.setattr(engine_module, "sample_token", failing_for_seed_13)
+    neighbours = [engine.submit(prompt, choice, greedy) for prompt, choice in zip(PROMPTS[:3], CHOICES[:3])]
+    firsts = [handle.next_event(timeout=60) for handle in neighbours]  # all three are in the batch now
+    bad_logits = engine.submit(PROMPTS[3], CHOICES[3], greedy)
+    bad_sampler = engine.submit(PROMPTS[3], "attn", SamplingParams(max_tokens=12, temperature=1.0, seed=13))
+    for handle, message in ((bad_logits, "non-finite logits"), (bad_sampler, "sampler failure")):
+        with pytest.raises(RuntimeError, match=message):
+            handle.result()
+    batched = [[first.token_id] + [e.token_id for e in handle if e.token_id is not None]
+               for first, handle in zip(firsts, neighbours)]
+    assert batched == solo
+    assert sum(engine.bank._users) == 0
+
+
+MIX = {"attn": 0.5, "full": 0.5}
+SUBMIT_STEPS = [  # what submit goes through, in order; each is made to fail in turn
+    "deltaw.serve.engine.RequestHandle",
+    "deltaw.serve.sampling.SamplingParams.generator",
+    "deltaw.serve.engine.TextStream",
+    "deltaw.serve.bank.AdapterBank._acquire_one",  # fails for the mix's second adapter, after the first
+    "deltaw.serve.requests.EngineStats.submitted",
+]
+
+
+@pytest.mark.parametrize("step", SUBMIT_STEPS, ids=[step.rsplit(".", 1)[-1] for step in SUBMIT_STEPS])
+def test_a_submit_that_fails_at_any_step_holds_no_slot(engine, monkeypatch, step):
+    target = pydoc.locate(step)
+    calls = []
+
+    def fail(*args, **kwargs):
+        calls.append(1)
+        if step.endswith("_acquire_one") and len(calls) == 1:
+            return target(*args, **kwargs)
+        raise RuntimeError(f"injected failure in {step}")
+
+    monkeypatch.setattr(step, fail)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        engine.submit(PROMPTS[0], MIX, SamplingParams(max_tokens=4, temperature=1.0, seed=1, stop=["x"]))
+    monkeypatch.undo()
+    assert sum(engine.bank._users) == 0
+    assert engine.stats()["requests_waiting"] == 0
+    assert engine.submit(PROMPTS[0], MIX, SamplingParams(max_tokens=4)).result().completion_tokens == 4
+
+
+def test_a_submit_to_a_stopped_engine_or_with_an_overflowing_seed_holds_no_slot(engine):
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*64\)"):
+        engine.submit(PROMPTS[0], MIX, SamplingParams(seed=2**64))
+    engine.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        engine.submit(PROMPTS[0], MIX, SamplingParams(max_tokens=4))
     assert sum(engine.bank._users) == 0

@@ -5,7 +5,9 @@
 
 deltaw's own facts live under the one extra config key "deltaw", which PEFT ignores. Pickle files
 (.bin, .pt) are refused: unpickling runs code. Each kind (deltaw.adapters.kinds) parses the config and
-tensors these functions return; every error names the file, the key, and what to do.
+tensors these functions return; every error names the file, the key, and what to do. A directory
+served from a root (`deltaw serve --adapters-dir`) is first checked with `check_confined`: no file in
+it may be a link that leads outside the root.
 """
 
 from __future__ import annotations
@@ -47,6 +49,23 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{config_file}: expected a JSON object, found {type(config).__name__}")
     return config
+
+
+def check_confined(path: str | os.PathLike, root: str | os.PathLike) -> None:
+    """Raise AdapterFormatError unless directory `path` and every entry in it resolve inside `root`.
+
+    Symbolic links are followed to their targets, so a link to a file (or a directory) elsewhere on
+    the machine is refused before anything is read. Messages name paths relative to `root` only.
+    """
+    root, path = Path(root).resolve(), Path(path)
+    where = path.name
+    if not path.resolve().is_relative_to(root):
+        raise AdapterFormatError(f"{where}: a link that leads outside the adapters directory; "
+                                 "copy the adapter into the directory instead of linking it")
+    for entry in sorted(path.resolve().iterdir()):
+        if not entry.resolve().is_relative_to(root):
+            raise AdapterFormatError(f"{where}/{entry.name}: a link that leads outside the adapters directory; "
+                                     "copy the file into the adapter's directory instead of linking it")
 
 
 def read_adapter_dir(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -70,7 +70,15 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> str:
             f"{path}: not a model directory (no config.json); give an HF model directory, a .gguf file, "
             f"a hub id, or {BUNDLED_NAME!r}"
         )
+    if not path.exists() and _is_path(name):
+        raise ModelLoadError(f"{name}: no such model directory; give an HF model directory, a .gguf file, "
+                             f"a hub id (org/name), or {BUNDLED_NAME!r}")
     return str(path) if path.exists() else name
+
+
+def _is_path(name: str) -> bool:
+    """Whether `name` can only be a file-system path, never a hub id ("org/name" or "name")."""
+    return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or "\\" in name
 
 
 def converted_gguf_dir(gguf_file: Path) -> Path:

@@ -7,15 +7,18 @@
 `model` in a request picks the adapter: an adapter's name, the base model's name, or a weighted mix
 "pirate*0.5+robot*0.5". An unknown name is a 404 listing the served names, never the base model.
 Admin routes load, unload, pin and unpin adapters from the adapters directory while traffic runs.
-Every /v1 route needs `Authorization: Bearer KEY` when the server has an API key; /health and
-/metrics stay open. Every error, including FastAPI's own validation errors, has OpenAI's shape
-{"error": {"message", "type", "param", "code"}}.
+Every /v1 route needs `Authorization: Bearer KEY` when the server has an API key; /health,
+/metrics and the API's description (/docs, /redoc, /openapi.json) stay open. A request body over
+--max-request-bytes is a 413 before it is read (serve/bodylimit.py). Every error, including
+FastAPI's own validation errors, has OpenAI's shape {"error": {"message", "type", "param", "code"}}.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
+import socket
 import threading
 import time
 from pathlib import Path
@@ -32,8 +35,9 @@ from transformers import PreTrainedTokenizerBase
 from deltaw.adapters import AdapterFormatError, parse_adapter_spec
 from deltaw.models.loading import DTYPES, load_model
 from deltaw.serve.bank import AdapterBank, BankFullError, UnknownAdapterError
+from deltaw.serve.bodylimit import BodyLimitMiddleware
 from deltaw.serve.completions import respond
-from deltaw.serve.config import ServeConfig
+from deltaw.serve.config import MAX_REQUEST_BYTES, ServeConfig
 from deltaw.serve.engine import Engine
 from deltaw.serve.metrics import ServerMetrics
 from deltaw.serve.state import ServerState
@@ -43,7 +47,7 @@ SHUTDOWN_GRACE_S = 5  # on Ctrl-C, running streams get this long before they are
 
 
 def create_app(engine: Engine, bank: AdapterBank, tokenizer: PreTrainedTokenizerBase, base_name: str,
-               api_key: str | None = None) -> FastAPI:
+               api_key: str | None = None, max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
     """The FastAPI application over a started `engine` (the caller starts and shuts the engine down).
 
     Args:
@@ -52,12 +56,14 @@ def create_app(engine: Engine, bank: AdapterBank, tokenizer: PreTrainedTokenizer
         tokenizer: the base model's tokenizer (chat template included).
         base_name: the `model` name that selects the base model with no adapter.
         api_key: when set, every /v1 route needs `Authorization: Bearer <api_key>`.
+        max_request_bytes: a larger request body is answered 413 before it is read.
     """
     if base_name in bank.names():
         raise ValueError(f"an adapter is named {base_name!r} like the base model; rename one of them")
     app = FastAPI(title="deltaw", summary="Many LoRA adapters on one base model, OpenAI-compatible API")
     app.state.server = ServerState(engine, bank, tokenizer, base_name, api_key)
-    app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes)
+    app.add_middleware(ApiKeyMiddleware, api_key=api_key)  # added last, so it runs first
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -67,16 +73,21 @@ def create_app(engine: Engine, bank: AdapterBank, tokenizer: PreTrainedTokenizer
 
 
 class ApiKeyMiddleware:
-    """Refuses /v1 requests without `Authorization: Bearer KEY`, before the body is read."""
+    """Refuses /v1 requests without `Authorization: Bearer KEY`, before the body is read.
+
+    The scheme is case-insensitive ("bearer KEY" too, as RFC 7235 says); the key is compared in
+    constant time.
+    """
 
     def __init__(self, app: ASGIApp, api_key: str | None) -> None:
-        self.app, self.expected = app, f"Bearer {api_key}".encode() if api_key else None
+        self.app, self.expected = app, api_key.encode() if api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.expected is None or scope["type"] != "http" or not scope["path"].startswith("/v1"):
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"authorization", b"")
-        if secrets.compare_digest(given, self.expected):
+        scheme, _, key = given.strip().partition(b" ")
+        if scheme.lower() == b"bearer" and secrets.compare_digest(key.strip(), self.expected):
             return await self.app(scope, receive, send)
         message = ("missing API key: send the header 'Authorization: Bearer KEY'" if not given
                    else "invalid API key: the Authorization header does not match the server's --api-key")
@@ -111,6 +122,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         message, param = f"the request body is not valid JSON: {reason}", None
     elif first["type"] == "model_attributes_type":
         message = "the request body must be a JSON object, sent with 'Content-Type: application/json'"
+    elif first["type"] == "missing" and param is None:
+        message = "the request body is empty: send a JSON object, with 'Content-Type: application/json'"
     elif first["type"] == "missing":
         message = f"missing required field '{param}'"
     else:
@@ -264,13 +277,33 @@ def serve(config: ServeConfig) -> None:
     The base model answers to the name `config.model` (a directory's last component when it is a path).
     """
     config.check()
+    listener = listen(config.host, config.port)  # before the model loads: a taken port fails at once
     engine, bank, tokenizer = build_engine(config)
     try:
-        app = create_app(engine, bank, tokenizer, base_model_name(config.model), config.api_key)
-        uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level,
-                    timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+        app = create_app(engine, bank, tokenizer, base_model_name(config.model), config.api_key,
+                         config.max_request_bytes)
+        server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
+                                               timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
+        logging.getLogger("uvicorn.error").info("deltaw serve: listening on http://%s:%d", config.host, config.port)
+        server.run(sockets=[listener])
     finally:
         engine.shutdown()
+        listener.close()
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), as uvicorn binds one; ValueError naming the flags if it cannot be."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family=family)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as exc:
+        listener.close()
+        raise ValueError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); "
+                         "pick a free port, or an address of this machine") from None
+    listener.set_inheritable(True)
+    return listener
 
 
 def base_model_name(model: str) -> str:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from torch import nn
 
+from deltaw.adapters.files import AdapterFormatError, check_confined
 from deltaw.adapters.io import adapter_kind
 from deltaw.adapters.kinds import AdapterKind, Route, SlotStore, all_kinds
 from deltaw.adapters.state import check_adapter_name
@@ -62,6 +63,7 @@ class BankFullError(RuntimeError):
 class _Known:
     path: Path
     kind: AdapterKind
+    root: Path | None  # adapters_dir for an adapter loaded from it (its files stay confined there)
     pinned: bool = False
     slot: int | None = None
 
@@ -102,37 +104,38 @@ class AdapterBank:
     # ----------------------------------------------------------------------------- loading
     def load(self, name: str, path: str | os.PathLike, pin: bool = False) -> None:
         """Load (or replace) adapter `name` from a PEFT-layout directory and make it resident."""
-        check_adapter_name(name)
-        kind = adapter_kind(path)
-        planned = self._read(kind, path)
-        with self.lock:
-            slot = self._free_slot()
-            self._write(slot, kind, planned)
-            old = self._known.get(name)
-            self._known[name] = _Known(Path(path), kind, pinned=pin or (old is not None and old.pinned))
-            if old is not None and old.slot is not None:
-                self._retire(old.slot)
-            self._publish(name, slot)
+        self._load(name, Path(path), pin, root=None)
 
     def load_from_dir(self, name: str) -> None:
-        """Load adapter `name` from `<adapters_dir>/<name>`; refuses names that are not plain names and
-        symlinks that lead outside adapters_dir."""
+        """Load adapter `name` from `<adapters_dir>/<name>`.
+
+        Refuses names that are not plain names, and directories or files that are links leading
+        outside adapters_dir. Error messages name paths relative to adapters_dir and never list it:
+        they are meant for remote clients.
+        """
         if self.adapters_dir is None:
             raise ValueError("no adapters directory configured: start the bank with adapters_dir=DIR")
         check_adapter_name(name)  # letters, digits, '_' and '-': no '/', '..' or absolute path
         path = (self.adapters_dir / name).resolve()
         if path.parent != self.adapters_dir:
-            raise ValueError(f"adapter {name!r} resolves to {path}, outside the adapters directory {self.adapters_dir}")
+            raise ValueError(f"adapter {name!r} is a link that leads outside the adapters directory; copy the "
+                             "adapter into the directory instead of linking it")
         if not path.is_dir():
-            raise FileNotFoundError(f"no adapter directory {self.adapters_dir / name}; "
-                                    f"available: {', '.join(self.available()) or 'none'}")
-        self.load(name, path)
+            raise FileNotFoundError(f"no adapter directory {name!r} in the adapters directory; put the adapter's "
+                                    f"files in {name}/ there (or check the name)")
+        self._load(name, path, False, root=self.adapters_dir)
 
-    def available(self) -> list[str]:
-        """Adapter directories under adapters_dir (candidates for load_from_dir)."""
-        if self.adapters_dir is None or not self.adapters_dir.is_dir():
-            return []
-        return sorted(entry.name for entry in self.adapters_dir.iterdir() if entry.is_dir())
+    def _load(self, name: str, path: Path, pin: bool, root: Path | None) -> None:
+        check_adapter_name(name)
+        kind, planned = self._read(path, root)
+        with self.lock:
+            slot = self._free_slot()
+            self._write(slot, kind, planned)
+            old = self._known.get(name)
+            self._known[name] = _Known(path, kind, root, pinned=pin or (old is not None and old.pinned))
+            if old is not None and old.slot is not None:
+                self._retire(old.slot)
+            self._publish(name, slot)
 
     def unload(self, name: str) -> None:
         """Forget adapter `name`; requests already using it finish on its weights."""
@@ -232,8 +235,21 @@ class AdapterBank:
             raise UnknownAdapterError(name, sorted(self._known))
         return self._known[name]
 
-    def _read(self, kind: AdapterKind, path: str | os.PathLike) -> object:
-        return kind.plan(self.model, kind.read(Path(path)), ignore_fingerprint=self.ignore_fingerprint)
+    def _read(self, path: Path, root: Path | None, kind: AdapterKind | None = None) -> tuple[AdapterKind, object]:
+        """Read and check the adapter in `path` against the model: (its kind, the kind's planned form).
+
+        With `root` (an adapter of adapters_dir), every file must resolve inside it, and errors name
+        paths relative to it. The kind comes from the directory's config unless given.
+        """
+        try:
+            if root is not None:
+                check_confined(path, root)
+            kind = kind or adapter_kind(path)
+            return kind, kind.plan(self.model, kind.read(path), ignore_fingerprint=self.ignore_fingerprint)
+        except (ValueError, OSError) as exc:
+            if root is None:
+                raise
+            raise _relative_to(exc, root) from None
 
     def _acquire_one(self, name: str) -> int:
         """Count one more user of `name`'s slot, reading it back from disk first if it was evicted."""
@@ -244,8 +260,8 @@ class AdapterBank:
                     self._users[known.slot] += 1
                     self._lru.move_to_end(name)
                     return known.slot
-                path, kind = known.path, known.kind
-            planned = self._read(kind, path)  # outside the lock: other adapters keep serving
+                path, kind, root = known.path, known.kind, known.root
+            _, planned = self._read(path, root, kind)  # outside the lock: other adapters keep serving
             with self.lock:
                 known = self._require(name)
                 if known.slot is None and known.path == path:
@@ -312,3 +328,13 @@ def _choice_weights(choice: AdapterChoice) -> dict[str, float]:
     if isinstance(choice, dict) and choice:
         return {str(name): float(weight) for name, weight in choice.items()}
     raise ValueError(f"adapter choice must be None, a name or a non-empty {{name: weight}} mix, found {choice!r}")
+
+
+def _relative_to(error: ValueError | OSError, root: Path) -> ValueError | OSError:
+    """`error` with `root` cut out of its message: paths under it read `name/file`, `root` itself reads
+    "the adapters directory" (what a remote client may see of the server's file system)."""
+    message = str(error).replace(f"{root}{os.sep}", "").replace(str(root), "the adapters directory")
+    try:
+        return type(error)(message)
+    except TypeError:  # an exception class with another signature
+        return (AdapterFormatError if isinstance(error, ValueError) else OSError)(message)

@@ -65,8 +65,29 @@ def unknown_model(state: ServerState, name: str) -> APIError:
                     " (load another adapter with POST /v1/adapters)", "model", "model_not_found", "not_found_error")
 
 
+def check_prompt_text(state: ServerState, body: ChatRequest | CompletionRequest) -> None:
+    """400, before any tokenizing, for prompt text that is not valid Unicode (a lone surrogate, which
+    JSON's \\u escapes allow) or too long to fit the model length limit whatever its tokens: more
+    UTF-8 bytes than max_model_len tokens can stand for (ServerState.max_prompt_bytes)."""
+    chat = isinstance(body, ChatRequest)
+    param = "messages" if chat else "prompt"
+    texts = ([message.as_template_message()["content"] for message in body.messages] if chat
+             else [body.prompt] if isinstance(body.prompt, str) else [])
+    try:
+        size = sum(len(text.encode("utf-8")) for text in texts)
+    except UnicodeEncodeError as exc:
+        raise APIError(400, f"{param}: not valid Unicode text (a lone surrogate {exc.object[exc.start]!r}); "
+                       "send the text as it is, not as UTF-16 halves", param, "invalid_text") from None
+    limit = state.max_prompt_bytes()
+    if size > limit:
+        raise APIError(400, f"the prompt's text is {size:,} bytes, more than {state.engine.max_model_len} tokens "
+                       f"(the model length limit) can hold ({limit:,} bytes at most); shorten the prompt",
+                       param, "prompt_too_long")
+
+
 def prompt_ids(state: ServerState, body: ChatRequest | CompletionRequest) -> list[int]:
-    """Token ids of the prompt: chat messages through the tokenizer's chat template, or the raw prompt."""
+    """Token ids of the prompt: chat messages through the tokenizer's chat template, or the raw prompt.
+    Runs on a worker thread (a long prompt takes seconds to tokenize)."""
     if isinstance(body, CompletionRequest):
         return body.prompt if isinstance(body.prompt, list) else state.tokenizer(body.prompt)["input_ids"]
     try:
@@ -89,20 +110,24 @@ def sampling_params(state: ServerState, body: ChatRequest | CompletionRequest, p
 async def submit(state: ServerState, body: ChatRequest | CompletionRequest, endpoint: str) -> Generation:
     """Check the request against the served models and queue it on the engine.
 
-    The engine checks the prompt and parameters (a ValueError is a 400) and acquires the adapters'
-    slots, which may read an evicted adapter back from disk: that runs on a worker thread.
+    Tokenizing (and rendering the chat template) runs on a worker thread, after a size check that
+    refuses a prompt too long to fit without tokenizing it. The engine checks the prompt and
+    parameters (a ValueError is a 400, naming the field when it is a sampling parameter) and acquires
+    the adapters' slots, which may read an evicted adapter back from disk: that runs on a worker
+    thread too, so the event loop never waits on either.
     """
     start = time.perf_counter()
+    loop = asyncio.get_running_loop()
     choice = resolve_model(state, body.model)
-    ids = prompt_ids(state, body)
+    check_prompt_text(state, body)
+    ids = await loop.run_in_executor(state.waiters, prompt_ids, state, body)
     params = sampling_params(state, body, len(ids))
     try:
-        handle = await asyncio.get_running_loop().run_in_executor(state.waiters, state.engine.submit, ids, choice,
-                                                                  params)
+        handle = await loop.run_in_executor(state.waiters, state.engine.submit, ids, choice, params)
     except UnknownAdapterError as exc:  # unloaded between the check and the submit
         raise unknown_model(state, exc.name) from None
     except ValueError as exc:
-        raise APIError(400, str(exc), code="invalid_request") from None
+        raise APIError(400, str(exc), getattr(exc, "field", None), "invalid_request") from None
     except (BankFullError, RuntimeError) as exc:  # every slot busy, or shutting down: retry later
         raise APIError(503, str(exc), code="unavailable", kind="server_error") from None
     label = "mix" if isinstance(choice, dict) else choice or state.base_name

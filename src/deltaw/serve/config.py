@@ -9,6 +9,7 @@ from deltaw.adapters import parse_adapter_spec
 from deltaw.models.loading import BUNDLED_NAME
 
 SERVE_DTYPES = ("fp32", "bf16")
+MAX_REQUEST_BYTES = 4 * 2**20  # a request body's limit: 4 MiB is ~1M prompt tokens' text, far past any context
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
@@ -26,6 +27,7 @@ class ServeConfig:
         max_resident: adapters held in memory at once; the least recently used beyond are evicted.
         max_batch_size: requests generated together.
         max_model_len: prompt + completion tokens per request.
+        max_request_bytes: the largest request body accepted; a larger one is answered 413 before it is read.
         dtype: the weights' dtype: fp32 or bf16.
         log_level: the server log's level.
     """
@@ -40,6 +42,7 @@ class ServeConfig:
     max_resident: int = 32
     max_batch_size: int = 16
     max_model_len: int = 2048
+    max_request_bytes: int = MAX_REQUEST_BYTES
     dtype: str = field(default="fp32", metadata={"choices": SERVE_DTYPES})
     log_level: str = field(default="info", metadata={"choices": LOG_LEVELS})
 
@@ -52,6 +55,8 @@ class ServeConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, found {getattr(self, name)}")
         if self.max_model_len < 2:
             raise ValueError(f"--max-model-len must be at least 2, found {self.max_model_len}")
+        if self.max_request_bytes < 1024:
+            raise ValueError(f"--max-request-bytes must be at least 1024, found {self.max_request_bytes}")
         if self.dtype not in SERVE_DTYPES:
             raise ValueError(f"--dtype must be one of {SERVE_DTYPES}, found {self.dtype!r}")
         if self.adapters_dir is not None and not os.path.isdir(self.adapters_dir):

@@ -26,6 +26,10 @@ batch's rows through the bank, whose per-kind stores make each row compute its o
 delta in every routed linear layer; prefix-tuning: its keys/values in front at the attention
 interface; no route: the base model). The forward runs under `bank.lock`, so adapters loaded,
 replaced or evicted meanwhile are never seen half-written.
+
+A bad request fails alone: a row whose logits are not finite (e.g. a mix with absurd weights) or
+whose sampling throws ends with finish_reason "error" while the batch runs on; a failed prefill ends
+only its newcomers. Only a decode forward that throws (a device failure) ends the whole batch.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ from deltaw.serve.bank import AdapterBank, AdapterChoice, Route, UnknownAdapterE
 from deltaw.serve.batch import join, keep_rows, prompt_batch
 from deltaw.serve.requests import Completion, EngineStats, RequestHandle, TokenEvent, summarize  # noqa: F401 (re-exported)
 from deltaw.serve.sampling import SamplingParams, TextStream, sample_token
+
+MAX_MIX_WEIGHT = 100.0  # |weight| of one adapter in a mix requested by name ("pirate*0.5+robot*0.5")
 
 __all__ = [
     "Completion", "Engine", "RequestHandle", "SamplingParams", "TokenEvent", "UnknownAdapterError",
@@ -135,20 +141,29 @@ class Engine:
 
     # ----------------------------------------------------------------------------- requests
     def submit(self, prompt_ids: list[int], adapter: AdapterChoice, params: SamplingParams) -> RequestHandle:
-        """Queue a request; raises UnknownAdapterError or ValueError (bad input) before queueing."""
+        """Queue a request; raises UnknownAdapterError or ValueError (bad input) before queueing.
+
+        The adapters' slots are acquired last and released if queueing fails, so a rejected request
+        never holds a slot.
+        """
         self._check_prompt(prompt_ids, params)
-        route = self.bank.acquire(adapter)
         handle = RequestHandle(f"req-{next(self._ids)}", len(prompt_ids))
-        row = _Row(handle, route, params, params.generator(), TextStream(self.tokenizer, list(params.stop)),
-                   list(prompt_ids))
+        generator, stream = params.generator(), TextStream(self.tokenizer, list(params.stop))
+        route = self.bank.acquire(adapter)
+        try:
+            self._enqueue(_Row(handle, route, params, generator, stream, list(prompt_ids)))
+        except BaseException:
+            self.bank.release(route)
+            raise
+        return handle
+
+    def _enqueue(self, row: _Row) -> None:
         with self._wakeup:
             if self._stopping:
-                self.bank.release(route)
                 raise RuntimeError("the engine is shut down")
+            self._stats.submitted(len(row.prompt_ids))
             self._waiting.append(row)
-            self._stats.submitted(len(prompt_ids))
             self._wakeup.notify_all()
-        return handle
 
     def _check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
         params.check()
@@ -245,16 +260,23 @@ class Engine:
         return output.logits[:, -1, :].float().cpu()
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor, first: bool) -> None:
+        """Each row's next token from `logits` [rows, vocab]. A row whose logits are not finite, or whose
+        sampling fails, ends alone with finish_reason "error"; the other rows go on."""
         greedy = logits.argmax(dim=-1).tolist()
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
         for index, row in enumerate(rows):
-            if row.params.temperature == 0:
-                token = greedy[index]
-            else:
-                token = sample_token(logits[index], row.params, row.generator)
-            row.last_token = token
-            if first:
-                self._stats.first_token(time.perf_counter() - row.handle.submitted)
-            self._advance(row, token)
+            try:
+                if not finite[index]:
+                    raise ValueError("the model computed non-finite logits (NaN or infinity) for this request; "
+                                     "its adapter, or the weights of its mix, are out of range")
+                token = greedy[index] if row.params.greedy else sample_token(logits[index], row.params,
+                                                                             row.generator)
+                row.last_token = token
+                if first:
+                    self._stats.first_token(time.perf_counter() - row.handle.submitted)
+                self._advance(row, token)
+            except Exception as exc:  # noqa: BLE001 - this row's input is bad; the batch runs on
+                self._finish(row, "error", exc)
 
     def _advance(self, row: _Row, token: int) -> None:
         """Emit `token`'s event: its new text, and the finish reason if it ends the request."""
@@ -330,7 +352,7 @@ def parse_adapter_choice(text: str, base_name: str) -> AdapterChoice:
 
     "pirate" -> "pirate"; `base_name` -> None; "pirate*0.5+robot*0.5" -> {"pirate": 0.5, "robot": 0.5}
     ("robot" alone in a mix means weight 1). A plain name is returned as is (the bank decides whether
-    it exists); a malformed mix is a ValueError.
+    it exists); a malformed mix, or a weight outside [-MAX_MIX_WEIGHT, MAX_MIX_WEIGHT], is a ValueError.
     """
     text = text.strip()
     if text == base_name:
@@ -356,4 +378,7 @@ def _mix_weight(text: str, weight: str) -> float:
         value = float("nan")
     if not math.isfinite(value):
         raise ValueError(f"{text!r}: weight {weight!r} is not a finite number; write a mix like 'pirate*0.5+robot*0.5'")
+    if abs(value) > MAX_MIX_WEIGHT:
+        raise ValueError(f"{text!r}: weight {weight!r} is outside [-{MAX_MIX_WEIGHT:g}, {MAX_MIX_WEIGHT:g}]; "
+                         "a larger weight drowns the base model's output (or overflows it)")
     return value

@@ -4,6 +4,11 @@
 request's own generator (so a seed gives the same text alone or in any batch); `TextStream` turns
 the growing list of generated ids into text pieces safe to send: it never splits a multi-byte
 character and holds back any tail that could still become a stop string.
+
+Degenerate values never make sampling throw: a temperature below MIN_TEMPERATURE is greedy (dividing
+the logits by it could only overflow them to infinity), and the most likely token always survives
+top_p, however small. Stop strings are bounded (MAX_STOP_STRINGS of at most MAX_STOP_CHARS
+characters), since the engine thread checks every one of them after every token of its request.
 """
 
 from __future__ import annotations
@@ -13,6 +18,19 @@ from dataclasses import dataclass, field
 
 import torch
 
+MIN_TEMPERATURE = 1e-5  # a lower temperature samples greedily (vLLM's threshold too)
+MAX_STOP_STRINGS = 32  # stop strings per request (OpenAI allows 4)
+MAX_STOP_CHARS = 256  # characters per stop string
+SEED_LIMIT = 2**64  # torch generators take seeds in [0, 2**64)
+
+
+class SamplingError(ValueError):
+    """A sampling parameter out of its range; `field` names it (the HTTP error's `param`)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
 
 @dataclass
 class SamplingParams:
@@ -20,10 +38,14 @@ class SamplingParams:
 
     Attributes:
         max_tokens: most new tokens to generate (>= 1).
-        temperature: 0 picks the most likely token (greedy); > 0 samples from softmax(logits / temperature).
-        top_p: sample only from the smallest set of tokens whose probability reaches top_p, in (0, 1].
-        stop: strings that end generation when they appear; they are not included in the output.
-        seed: seeds this request's own generator: the same seed gives the same text whatever the batch.
+        temperature: 0 picks the most likely token (greedy, as does any value below MIN_TEMPERATURE);
+            > 0 samples from softmax(logits / temperature).
+        top_p: sample only from the smallest set of tokens whose probability reaches top_p, in (0, 1]
+            (the most likely token is always kept).
+        stop: strings that end generation when they appear; they are not included in the output
+            (at most MAX_STOP_STRINGS, each of at most MAX_STOP_CHARS characters).
+        seed: seeds this request's own generator, in [0, 2**64): the same seed gives the same text
+            whatever the batch.
     """
 
     max_tokens: int = 128
@@ -33,17 +55,33 @@ class SamplingParams:
     seed: int | None = None
 
     def check(self) -> None:
-        """Raise ValueError naming the first bad field and its allowed range."""
+        """Raise SamplingError naming the first bad field and its allowed range."""
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, found {self.max_tokens!r}")
+            raise SamplingError("max_tokens", f"max_tokens must be an integer >= 1, found {self.max_tokens!r}")
         if not _is_number(self.temperature) or not 0 <= self.temperature <= 100:
-            raise ValueError(f"temperature must be a number in [0, 100] (0: greedy), found {self.temperature!r}")
+            raise SamplingError("temperature", "temperature must be a number in [0, 100] (0: greedy), "
+                                f"found {self.temperature!r}")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be a number in (0, 1], found {self.top_p!r}")
+            raise SamplingError("top_p", f"top_p must be a number in (0, 1], found {self.top_p!r}")
+        self._check_stop()
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < SEED_LIMIT):
+            raise SamplingError("seed", f"seed must be an integer in [0, 2**64) or None, found {self.seed!r}")
+
+    def _check_stop(self) -> None:
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError(f"stop must be a list of non-empty strings, found {self.stop!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
-            raise ValueError(f"seed must be a non-negative integer or None, found {self.seed!r}")
+            raise SamplingError("stop", f"stop must be a list of non-empty strings, found {self.stop!r:.200}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise SamplingError("stop", f"stop: at most {MAX_STOP_STRINGS} stop strings, found {len(self.stop)}")
+        longest = max(self.stop, key=len, default="")
+        if len(longest) > MAX_STOP_CHARS:
+            raise SamplingError("stop", f"stop: each stop string may have at most {MAX_STOP_CHARS} characters, "
+                                f"found one of {len(longest)}")
+
+    @property
+    def greedy(self) -> bool:
+        """Whether this request takes the most likely token (temperature below MIN_TEMPERATURE)."""
+        return self.temperature < MIN_TEMPERATURE
 
     def generator(self) -> torch.Generator | None:
         """A fresh generator seeded with `seed` (None: sampling draws from torch's global generator)."""
@@ -55,15 +93,22 @@ def _is_number(value: object) -> bool:
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token id from `logits` [vocab] (any float dtype; computed in float32)."""
+    """One token id from `logits` [vocab] (any float dtype; computed in float32).
+
+    Greedy below MIN_TEMPERATURE; with top_p < 1, the tokens ranked after the one whose cumulative
+    probability reaches top_p are dropped, the most likely token never (so a top_p below the smallest
+    float keeps exactly it).
+    """
     logits = logits.float()
-    if params.temperature == 0:
+    if params.greedy:
         return int(logits.argmax())
     probs = torch.softmax(logits / params.temperature, dim=-1)
     if params.top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
         before = sorted_probs.cumsum(0) - sorted_probs  # probability mass ranked above each token
-        sorted_probs[before >= params.top_p] = 0.0  # keep the token that crosses top_p, drop the rest
+        drop = before >= params.top_p  # keep the token that crosses top_p, drop the rest
+        drop[0] = False
+        sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
 
@@ -106,10 +151,7 @@ class TextStream:
             return len(full) - len(full.rstrip("\ufffd"))
         longest = 0
         for stop in self.stop:
-            for size in range(min(len(stop) - 1, len(full)), longest, -1):
-                if full.endswith(stop[:size]):
-                    longest = size
-                    break
+            longest = max(longest, _stop_prefix_at_end(full, stop, longer_than=longest))
         return longest
 
     def _release(self, upto: str) -> str:
@@ -118,3 +160,15 @@ class TextStream:
         piece = upto[len(self.text):]
         self.text = upto
         return piece
+
+
+def _stop_prefix_at_end(full: str, stop: str, longer_than: int = 0) -> int:
+    """The length of the longest suffix of `full` that is a proper prefix of `stop`, if longer than
+    `longer_than` (else 0). Only positions holding stop's first character are tried, so the cost is
+    a few C-level searches, not one comparison per possible length."""
+    index = full.find(stop[0], max(len(full) - len(stop) + 1, 0), len(full) - longer_than)
+    while index != -1:
+        if stop.startswith(full[index:]):
+            return len(full) - index
+        index = full.find(stop[0], index + 1, len(full) - longer_than)
+    return 0

@@ -75,7 +75,7 @@ def load_jsonl(path: str | os.PathLike, tokenizer, seq_len: int, skip_bad_lines:
     if not path.is_file():
         raise DataError(f"{path}: no such data file (expected JSONL, one example a line)")
     examples, skipped = [], []
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8", errors="surrogateescape") as handle:  # bad bytes: that line's error
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -97,7 +97,12 @@ def load_jsonl(path: str | os.PathLike, tokenizer, seq_len: int, skip_bad_lines:
 
 
 def parse_line(line: str) -> dict:
-    """One JSON object of a known shape; ValueError with the reason otherwise."""
+    """One JSON object of a known shape; ValueError with the reason otherwise (bytes that are not UTF-8
+    arrive as surrogate escapes, U+DC80..U+DCFF)."""
+    undecodable = next((column for column, char in enumerate(line, start=1) if "\udc80" <= char <= "\udcff"), None)
+    if undecodable is not None:
+        byte = ord(line[undecodable - 1]) - 0xDC00
+        raise ValueError(f"not UTF-8 text (byte 0x{byte:02x} at column {undecodable}); save the file as UTF-8")
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
