@@ -19,6 +19,7 @@ from deltaw.models.loading import ModelLoadError
 from deltaw.serve.app import serve
 from deltaw.serve.config import ServeConfig
 from deltaw.tools.chat import GenerateOptions, run_chat, run_generate
+from deltaw.tools.export import ExportOptions, export_adapter
 from deltaw.tools.generation import GenerationOptions
 from deltaw.tools.merge import MergeOptions, merge_to_dir
 from deltaw.tools.plan import PlanOptions, plan
@@ -37,7 +38,7 @@ class InspectOptions:
     """`deltaw inspect`.
 
     Attributes:
-        adapter: the adapter directory.
+        adapter: the adapter directory (or a llama.cpp LoRA .gguf file).
     """
 
     adapter: str = field(metadata={"positional": True})
@@ -58,7 +59,9 @@ COMMANDS: dict[str, tuple[str, type, Callable[[Any], Any]]] = {
     "serve": ("serve the base model and many adapters (OpenAI-compatible HTTP)", ServeConfig, serve),
     "merge": ("merge an adapter into the base and save an HF model directory", MergeOptions, merge_to_dir),
     "quantize": ("store a model's linear layers as NF4 (QLoRA's base)", QuantizeOptions, quantize_to_dir),
-    "inspect": ("describe an adapter directory", InspectOptions, lambda options: describe_adapter(options.adapter)),
+    "export": ("write an adapter as a llama.cpp LoRA GGUF (llama-server --lora, Ollama)", ExportOptions,
+               export_adapter),
+    "inspect": ("describe an adapter directory or .gguf file", InspectOptions, lambda options: describe_adapter(options.adapter)),
     "extract": ("extract an adapter from a fine-tuned model (SVD of W_tuned - W_base)", ExtractOptions, run_extract),
     "resize": ("lower an adapter's rank by SVD", ResizeOptions, run_resize),
     "combine": ("combine adapters: exact (cat) or truncated (svd)", CombineOptions, run_combine),
