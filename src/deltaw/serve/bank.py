@@ -114,19 +114,22 @@ class AdapterBank:
                 self._retire(old.slot)
             self._publish(name, slot)
 
-    def load_from_dir(self, name: str) -> None:
-        """Load adapter `name` from `<adapters_dir>/<name>`; refuses names that are not plain names and
-        symlinks that lead outside adapters_dir."""
+    def load_from_dir(self, name: str, path: str | os.PathLike | None = None) -> None:
+        """Load adapter `name` from `<adapters_dir>/<name>`, or from `path` (relative to adapters_dir, or
+        absolute) when given; refuses names that are not plain names, and paths (symlinks included) that do
+        not lead to an entry directly inside adapters_dir."""
         if self.adapters_dir is None:
             raise ValueError("no adapters directory configured: start the bank with adapters_dir=DIR")
         check_adapter_name(name)  # letters, digits, '_' and '-': no '/', '..' or absolute path
-        path = (self.adapters_dir / name).resolve()
-        if path.parent != self.adapters_dir:
-            raise ValueError(f"adapter {name!r} resolves to {path}, outside the adapters directory {self.adapters_dir}")
-        if not path.is_dir():
-            raise FileNotFoundError(f"no adapter directory {self.adapters_dir / name}; "
+        given = name if path is None else path
+        resolved = (self.adapters_dir / given).resolve()
+        if resolved.parent != self.adapters_dir:
+            raise ValueError(f"adapter {str(given)!r} resolves to {resolved}, outside the adapters directory "
+                             f"{self.adapters_dir}")
+        if not resolved.exists():
+            raise FileNotFoundError(f"no adapter directory {self.adapters_dir / given}; "
                                     f"available: {', '.join(self.available()) or 'none'}")
-        self.load(name, path)
+        self.load(name, resolved)
 
     def available(self) -> list[str]:
         """Adapter directories under adapters_dir (candidates for load_from_dir)."""
@@ -168,6 +171,11 @@ class AdapterBank:
     def pinned(self) -> list[str]:
         with self.lock:
             return sorted(name for name, known in self._known.items() if known.pinned)
+
+    def path(self, name: str) -> Path:
+        """Where known adapter `name` is read from."""
+        with self.lock:
+            return self._require(name).path
 
     def kind(self, name: str) -> AdapterKind:
         """The kind of known adapter `name`."""

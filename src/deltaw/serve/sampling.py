@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from deltaw.serve.logprobs import MAX_LOGPROBS
+
 
 @dataclass
 class SamplingParams:
@@ -24,6 +26,9 @@ class SamplingParams:
         top_p: sample only from the smallest set of tokens whose probability reaches top_p, in (0, 1].
         stop: strings that end generation when they appear; they are not included in the output.
         seed: seeds this request's own generator: the same seed gives the same text whatever the batch.
+        logprobs: report each generated token's log-probability and this many most likely alternatives
+            (0 to 20); None: no logprobs.
+        prompt_logprobs: the same for the prompt's tokens (OpenAI's `echo` with `logprobs`); None: none.
     """
 
     max_tokens: int = 128
@@ -31,6 +36,8 @@ class SamplingParams:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def check(self) -> None:
         """Raise ValueError naming the first bad field and its allowed range."""
@@ -44,6 +51,11 @@ class SamplingParams:
             raise ValueError(f"stop must be a list of non-empty strings, found {self.stop!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             raise ValueError(f"seed must be a non-negative integer or None, found {self.seed!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}] or None, found {value!r}")
 
     def generator(self) -> torch.Generator | None:
         """A fresh generator seeded with `seed` (None: sampling draws from torch's global generator)."""

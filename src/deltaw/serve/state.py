@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerBase
 
 from deltaw.serve.bank import AdapterBank
 from deltaw.serve.engine import Engine
+from deltaw.serve.llamacpp import LoraTable
 from deltaw.serve.metrics import ServerMetrics
 
 EVENT_WAITERS = 256  # worker threads that wait on engine events (created on demand; idle ones cost nothing)
@@ -27,6 +28,7 @@ class ServerState:
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     waiters: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(EVENT_WAITERS, "deltaw-wait"))
     started: int = field(default_factory=lambda: int(time.time()))
+    lora_table: LoraTable = field(default_factory=LoraTable)  # llama.cpp's adapter ids and server-wide scales
 
     def served_names(self) -> list[str]:
         return [self.base_name, *self.bank.names()]
