@@ -19,6 +19,8 @@ from deltaw.models.loading import ModelLoadError
 from deltaw.serve.app import serve
 from deltaw.serve.config import ServeConfig
 from deltaw.tools.chat import GenerateOptions, run_chat, run_generate
+from deltaw.tools.eval import EvalOptions, run_eval
+from deltaw.tools.eval_backends import EvalServerError
 from deltaw.tools.export import ExportOptions, export_adapter
 from deltaw.tools.generation import GenerationOptions
 from deltaw.tools.merge import MergeOptions, merge_to_dir
@@ -30,7 +32,7 @@ from deltaw.train.checkpoint import CheckpointError
 from deltaw.train.data import DataError
 
 USER_ERRORS = (AdapterFormatError, TargetError, ModelLoadError, DataError, TrainingError, CheckpointError,
-               FileExistsError, FileNotFoundError, KeyError, ValueError)
+               EvalServerError, FileExistsError, FileNotFoundError, KeyError, ValueError)
 
 
 @dataclass
@@ -57,6 +59,8 @@ COMMANDS: dict[str, tuple[str, type, Callable[[Any], Any]]] = {
     "generate": ("generate text with the base model or an adapter", GenerateOptions, run_generate),
     "chat": ("interactive chat; /use NAME switches adapters", GenerationOptions, run_chat),
     "serve": ("serve the base model and many adapters (OpenAI-compatible HTTP)", ServeConfig, serve),
+    "eval": ("score a JSONL test set with the base model and each adapter (here or on a server)", EvalOptions,
+             run_eval),
     "merge": ("merge an adapter into the base and save an HF model directory", MergeOptions, merge_to_dir),
     "quantize": ("store a model's linear layers as NF4 (QLoRA's base)", QuantizeOptions, quantize_to_dir),
     "export": ("write an adapter as a llama.cpp LoRA GGUF (llama-server --lora, Ollama)", ExportOptions,
@@ -67,7 +71,7 @@ COMMANDS: dict[str, tuple[str, type, Callable[[Any], Any]]] = {
     "combine": ("combine adapters: exact (cat) or truncated (svd)", CombineOptions, run_combine),
     "plan": ("parameters and memory: full fine-tuning vs LoRA vs QLoRA", PlanOptions, plan),
 }
-QUIET = {"generate", "merge", "quantize", "serve"}  # commands that print as they go; their result is not printed again
+QUIET = {"eval", "generate", "merge", "quantize", "serve"}  # commands that print as they go; their result is not printed again
 
 
 def build_parser() -> argparse.ArgumentParser:
