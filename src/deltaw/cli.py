@@ -65,13 +65,14 @@ COMMANDS: dict[str, tuple[str, type, Callable[[Any], Any]]] = {
     "quantize": ("store a model's linear layers as NF4 (QLoRA's base)", QuantizeOptions, quantize_to_dir),
     "export": ("write an adapter as a llama.cpp LoRA GGUF (llama-server --lora, Ollama)", ExportOptions,
                export_adapter),
-    "inspect": ("describe an adapter directory or .gguf file", InspectOptions, lambda options: describe_adapter(options.adapter)),
+    "inspect": ("describe an adapter directory or .gguf file", InspectOptions,
+                lambda options: describe_adapter(options.adapter)),
     "extract": ("extract an adapter from a fine-tuned model (SVD of W_tuned - W_base)", ExtractOptions, run_extract),
     "resize": ("lower an adapter's rank by SVD", ResizeOptions, run_resize),
     "combine": ("combine adapters: exact (cat) or truncated (svd)", CombineOptions, run_combine),
     "plan": ("parameters and memory: full fine-tuning vs LoRA vs QLoRA", PlanOptions, plan),
 }
-QUIET = {"eval", "generate", "merge", "quantize", "serve"}  # commands that print as they go; their result is not printed again
+QUIET = {"eval", "generate", "merge", "quantize", "serve"}  # they print as they go; their result is not printed again
 
 
 def build_parser() -> argparse.ArgumentParser:

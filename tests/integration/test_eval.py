@@ -34,8 +34,10 @@ def setup(tiny_model_dir, tmp_path_factory):
     deltaw.add_lora(model, deltaw.LoRAConfig(rank=4, alpha=8), "sharp")
     randomize_lora_b(model, "sharp", std=0.5)
     deltaw.save_adapter(model, root / "adapters" / "sharp", "sharp")
-    records = [{"prompt": q, "completion": a, "choices": [" yes", " no"]} for q, a in zip(QUESTIONS, [" yes", " no", " yes"])]
-    records += [{"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]},
+    records = [{"prompt": q, "completion": a, "choices": [" yes", " no"]}
+               for q, a in zip(QUESTIONS, [" yes", " no", " yes"])]
+    records += [{"messages": [{"role": "user", "content": "Name a colour."},
+                              {"role": "assistant", "content": "Blue."}]},
                 {"text": "The quick brown fox jumps over the lazy dog."}]
     return tiny_model_dir, root / "adapters", write_jsonl(root / "test.jsonl", records), tokenizer
 

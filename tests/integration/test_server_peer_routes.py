@@ -4,14 +4,13 @@ per-request `lora` lists, with the same key and --adapters-dir confinement as de
 
 from __future__ import annotations
 
-import os
 
 import httpx
 import openai
 import pytest
 
 import deltaw
-from tests.integration.serving import API_KEY, running_server, write_random_adapters
+from tests.integration.serving import API_KEY, adapters_on_disk, running_server
 from tests.integration.test_server_protocol import assert_openai_error
 from tests.unit.test_logprobs import reference_logprobs
 
@@ -23,14 +22,7 @@ QUESTION = [{"role": "user", "content": "Say something."}]
 def server(tiny_model_dir, tmp_path_factory):
     """(openai client, httpx client, adapters_dir, engine, tokenizer): alpha and beta served, gamma on disk,
     'escape' a symlink leading out of the adapters directory."""
-    root = tmp_path_factory.mktemp("peer-routes")
-    adapters_dir, outside = root / "adapters", root / "outside"
-    model, tokenizer = deltaw.load_model(tiny_model_dir)
-    config = deltaw.LoRAConfig(rank=4, alpha=8)
-    write_random_adapters(model, adapters_dir, {"alpha": config, "beta": config, "gamma": config}, std=0.5)
-    write_random_adapters(model, outside, {"escape": config}, std=0.5)
-    os.symlink(outside / "escape", adapters_dir / "escape")
-    deltaw.unload(model)
+    model, tokenizer, adapters_dir = adapters_on_disk(tiny_model_dir, tmp_path_factory.mktemp("peer-routes"))
     with running_server(model, tokenizer, "tiny", adapters_dir, ["alpha", "beta"], max_model_len=96) as (url, engine):
         engine.eos_ids = set()  # exact lengths
         with httpx.Client(base_url=url, headers=AUTH, timeout=60) as http:

@@ -7,13 +7,11 @@ the bundled-model behaviour (personas, concurrency, the openai client) is in tes
 from __future__ import annotations
 
 import json
-import os
 
 import httpx
 import pytest
 
-import deltaw
-from tests.integration.serving import API_KEY, running_server, write_random_adapters
+from tests.integration.serving import API_KEY, adapters_on_disk, running_server
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CHAT = {"model": "alpha", "messages": [{"role": "user", "content": "Say something."}], "max_tokens": 4}
@@ -22,14 +20,7 @@ CHAT = {"model": "alpha", "messages": [{"role": "user", "content": "Say somethin
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     """(client, adapters_dir, engine): alpha and beta served; gamma on disk only; 'escape' a symlink leading out."""
-    root = tmp_path_factory.mktemp("protocol")
-    adapters_dir, outside = root / "adapters", root / "outside"
-    model, tokenizer = deltaw.load_model(tiny_model_dir)
-    config = deltaw.LoRAConfig(rank=4, alpha=8)
-    write_random_adapters(model, adapters_dir, {"alpha": config, "beta": config, "gamma": config}, std=0.5)
-    write_random_adapters(model, outside, {"escape": config}, std=0.5)
-    os.symlink(outside / "escape", adapters_dir / "escape")
-    deltaw.unload(model)
+    model, tokenizer, adapters_dir = adapters_on_disk(tiny_model_dir, tmp_path_factory.mktemp("protocol"))
     with running_server(model, tokenizer, "tiny", adapters_dir, ["alpha", "beta"], max_model_len=64) as (url, engine):
         with httpx.Client(base_url=url, headers=AUTH, timeout=60) as client:
             yield client, adapters_dir, engine

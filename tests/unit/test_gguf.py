@@ -178,7 +178,7 @@ def test_export_refuses_a_module_llamacpp_has_no_tensor_for(tmp_path):
                "model.layers.0.self_attn.rotary": (torch.randn(2, 64), torch.randn(64, 2))}
     directory = write_adapter(tmp_path / "a", weights, lora_config_dict({m: 2 for m in weights},
                                                                         {m: 1.0 for m in weights}, "x"))
-    with pytest.raises(AdapterFormatError, match="'model.layers.0.self_attn.rotary' has no tensor in llama.cpp's llama"):
+    with pytest.raises(AdapterFormatError, match="'model.layers.0.self_attn.rotary' has no tensor in llama.cpp's"):
         write_gguf(read_lora_adapter(directory), model.config, tmp_path / "a.gguf")
     assert not (tmp_path / "a.gguf").exists()
 

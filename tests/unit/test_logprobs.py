@@ -52,9 +52,11 @@ def test_a_mixed_batch_reports_each_rows_own_logprobs(engine):
 
 
 def test_sampled_tokens_report_the_models_own_distribution(engine):
-    result = engine.submit(PROMPTS[0], "attn", SamplingParams(max_tokens=5, temperature=1.7, seed=3, logprobs=2)).result()
+    params = SamplingParams(max_tokens=5, temperature=1.7, seed=3, logprobs=2)
+    result = engine.submit(PROMPTS[0], "attn", params).result()
     tokens = [entry.token_id for entry in result.logprobs]
-    assert_entries_match(result.logprobs, reference_logprobs(engine, PROMPTS[0], tokens, "attn"), tokens, len(PROMPTS[0]))
+    reference = reference_logprobs(engine, PROMPTS[0], tokens, "attn")
+    assert_entries_match(result.logprobs, reference, tokens, len(PROMPTS[0]))
 
 
 @pytest.mark.parametrize("budget", [1 << 28, 1])  # one prefill for all, or one row per prefill

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -18,7 +18,7 @@ from jinja2 import TemplateError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from deltaw.models.chat import chat_inputs
-from deltaw.serve.bank import BankFullError, UnknownAdapterError
+from deltaw.serve.bank import AdapterChoice, BankFullError, UnknownAdapterError
 from deltaw.serve.engine import Completion, RequestHandle, SamplingParams, TokenEvent, parse_adapter_choice
 from deltaw.serve.llamacpp import request_choice
 from deltaw.serve.logprobs import LogprobsFormat, TokenLogprob
@@ -65,26 +65,24 @@ class Generation:
 
 def resolve_model(state: ServerState, model: str) -> None | str | dict[str, float]:
     """The request's `model` -> None (base), an adapter name, or {name: weight}; 404 for unknown names."""
-    try:
-        choice = parse_adapter_choice(model, state.base_name)
-        state.bank.resolve(choice)
-    except UnknownAdapterError as exc:
-        raise unknown_model(state, exc.name) from None
-    except ValueError as exc:
-        raise APIError(400, f"model: {exc}", "model", "invalid_model") from None
-    return choice
+    return _checked_choice(state, "model", lambda: parse_adapter_choice(model, state.base_name))
 
 
 def pick_adapters(state: ServerState, body: ChatRequest | CompletionRequest) -> None | str | dict[str, float]:
     """What the request runs: its `model`, or llama.cpp's `lora` list, or the server-wide scales (llamacpp.py)."""
     choice = resolve_model(state, body.model)
+    return _checked_choice(state, "lora", lambda: request_choice(state.lora_table, state.bank, choice, body.lora))
+
+
+def _checked_choice(state: ServerState, field_name: str, pick: Callable[[], AdapterChoice]) -> AdapterChoice:
+    """`pick()`'s choice once the bank knows every name in it (404) and can run it (400 naming `field_name`)."""
     try:
-        choice = request_choice(state.lora_table, state.bank, choice, body.lora)
+        choice = pick()
         state.bank.resolve(choice)
     except UnknownAdapterError as exc:
         raise unknown_model(state, exc.name) from None
     except ValueError as exc:
-        raise APIError(400, f"lora: {exc}", "lora", "invalid_lora") from None
+        raise APIError(400, f"{field_name}: {exc}", field_name, f"invalid_{field_name}") from None
     return choice
 
 
@@ -138,7 +136,9 @@ async def submit(state: ServerState, body: ChatRequest | CompletionRequest, endp
     label = "mix" if isinstance(choice, dict) else choice or state.base_name
     chat = isinstance(body, ChatRequest)
     logprobs = None if body.logprobs_count() is None else LogprobsFormat(state.tokenizer, chat)
-    echo = None if chat or not body.echo else body.prompt if isinstance(body.prompt, str) else state.tokenizer.decode(ids)
+    echo = None
+    if not chat and body.echo:
+        echo = body.prompt if isinstance(body.prompt, str) else state.tokenizer.decode(ids)
     return Generation(handle, body.model, label, endpoint, start, logprobs, list(ids), echo)
 
 

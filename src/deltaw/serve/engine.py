@@ -240,7 +240,7 @@ class Engine:
 
     def _forward(self, rows: list[_Row], input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  cache: Cache, keep: int = 1) -> torch.Tensor:
-        """The last `keep` positions' logits [rows, keep, vocab] with each row routed to its adapters; the cache grows."""
+        """The last `keep` positions' logits [rows, keep, vocab], each row routed to its adapters; the cache grows."""
         device = self.model.get_input_embeddings().weight.device
         with self.bank.lock:
             self.bank.set_routing([row.route for row in rows])

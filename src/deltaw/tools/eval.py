@@ -164,7 +164,8 @@ def _score_loss(target: TargetScore, score: ExampleScore, example: EvalExample, 
     if target.loss_error:
         return
     if isinstance(reply, EvalServerError) or reply.prompt_logprobs is None:
-        target.loss_error = str(reply) if isinstance(reply, EvalServerError) else "the server returned no prompt logprobs"
+        failed = isinstance(reply, EvalServerError)
+        target.loss_error = str(reply) if failed else "the server returned no prompt logprobs"
         return
     positions = [i for i, label in enumerate(example.labels) if i > 0 and label >= 0]
     score.loss_sum = -sum(reply.prompt_logprobs[i] for i in positions)

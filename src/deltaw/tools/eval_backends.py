@@ -98,7 +98,9 @@ class ServerBackend:
 
     def __init__(self, url: str, api_key: str | None = None, concurrency: int = 4, timeout: float = 600.0) -> None:
         self.url, self.concurrency, self.timeout = url.rstrip("/"), concurrency, timeout
-        self.headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {api_key}"} if api_key else {})
+        self.headers = {"Content-Type": "application/json"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
 
     # ----------------------------------------------------------------------------- targets
     def targets(self, adapters: Sequence[str], base: bool = True) -> list[Target]:
@@ -118,7 +120,8 @@ class ServerBackend:
                 targets.append(Target(name, fields={"model": base_model, **_lora_fields(listed, by_name[name])}))
             else:
                 raise EvalServerError(f"--adapter {name}: {self.url} serves no model or llama.cpp adapter named "
-                                      f"{name!r}; models: {[m['id'] for m in models]}, lora-adapters: {sorted(by_name)}")
+                                      f"{name!r}; models: {[m['id'] for m in models]}, "
+                                      f"lora-adapters: {sorted(by_name)}")
         return targets
 
     def _lora_adapters(self) -> list[dict]:
@@ -131,8 +134,17 @@ class ServerBackend:
 
     # ----------------------------------------------------------------------------- requests
     def complete_many(self, jobs: Sequence[Job]) -> list[Reply | EvalServerError]:
+        """Echoed jobs one at a time with nothing else in flight (vLLM 0.32's CPU build crashes when a batch
+        mixes prompt logprobs and LoRA: "einsum(): subscript b has size ..."), then the rest concurrently."""
+        replies: list[Reply | EvalServerError | None] = [None] * len(jobs)
+        for index, job in enumerate(jobs):
+            if job.echo:
+                replies[index] = self._complete(job)
+        rest = [index for index, job in enumerate(jobs) if not job.echo]
         with ThreadPoolExecutor(self.concurrency) as pool:
-            return list(pool.map(self._complete, jobs))
+            for index, reply in zip(rest, pool.map(self._complete, [jobs[index] for index in rest])):
+                replies[index] = reply
+        return replies
 
     def _complete(self, job: Job) -> Reply | EvalServerError:
         body = {**job.target.fields, "prompt": job.prompt_ids, "max_tokens": job.max_tokens, "temperature": 0,

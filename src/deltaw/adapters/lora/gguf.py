@@ -185,8 +185,9 @@ class GGUFAdapterFile(AdapterFile):
         arch = ARCHITECTURES.get(model_type)
         if arch is None or arch.name != self.architecture:
             expected = arch.name if arch else f"none (model_type {model_type!r} has no llama.cpp layout in deltaw)"
-            raise AdapterFormatError(f"{self.path}: key '{GENERAL_ARCHITECTURE}': the model's llama.cpp architecture "
-                                     f"is {expected}, the adapter's is {self.architecture!r}: load it on its base model")
+            raise AdapterFormatError(f"{self.path}: key '{GENERAL_ARCHITECTURE}': the model's llama.cpp "
+                                     f"architecture is {expected}, the adapter's is {self.architecture!r}: load it "
+                                     "on its base model")
         weights = {}
         for module, (lora_a, lora_b) in self.weights.items():
             heads = rope_heads(tensor_name(module), model_config) if arch.permute_qk else None
@@ -210,12 +211,13 @@ def read_gguf_adapter(path: str | os.PathLike) -> GGUFAdapterFile:
     except (ValueError, OSError, IndexError, KeyError) as exc:
         raise AdapterFormatError(f"{path}: truncated or corrupt GGUF file ({exc}); export or copy it again") from exc
     fields = {name: _field_value(value) for name, value in reader.fields.items()}
-    _check_kv(path, fields, GENERAL_TYPE, "adapter", "a base model GGUF loads with deltaw.load_model, not as an adapter")
+    _check_kv(path, fields, GENERAL_TYPE, "adapter", "a base model GGUF loads with deltaw.load_model, not as adapter")
     _check_kv(path, fields, ADAPTER_TYPE, "lora", "deltaw reads llama.cpp's LoRA adapters")
     architecture = fields.get(GENERAL_ARCHITECTURE)
     if architecture not in {arch.name for arch in ARCHITECTURES.values()}:
         known = sorted({arch.name for arch in ARCHITECTURES.values()})
-        raise AdapterFormatError(f"{path}: key '{GENERAL_ARCHITECTURE}': expected one of {known}, found {architecture!r}")
+        raise AdapterFormatError(f"{path}: key '{GENERAL_ARCHITECTURE}': expected one of {known}, "
+                                 f"found {architecture!r}")
     alpha = float(fields.get(LORA_ALPHA) or 0.0)
     weights = _pair_tensors(path, {tensor.name: tensor for tensor in reader.tensors})
     types = tuple(sorted({tensor.tensor_type.name for tensor in reader.tensors}))
