@@ -34,8 +34,8 @@ class Comparison:
 
     engine: str
     model: str
-    same_answer: tuple[int, int]
-    same_first_token: tuple[int, int]
+    same_answer: tuple[int, int] | None  # None: deltaw itself, the reference
+    same_first_token: tuple[int, int] | None
     pirate: tuple[int, int]
     loss: float | None
     deltaw_loss: float | None
@@ -54,14 +54,15 @@ def table(rows: list[Comparison]) -> str:
     lines = ["| engine | model | same greedy answer as deltaw | same first token | pirate answers | loss (deltaw) |",
              "|---|---|---|---|---|---|"]
     for row in rows:
-        loss = "n/a (no prompt logprobs)" if row.loss is None else f"{row.loss:.4f} ({row.deltaw_loss:.4f})"
+        loss = "n/a (no prompt logprobs)" if row.loss is None else f"{row.loss:.4f}"
+        loss += f" ({row.deltaw_loss:.4f})" if row.same_answer is not None and row.loss is not None else ""
         lines.append(f"| {row.engine} | {row.model} | {_rate(row.same_answer)} | {_rate(row.same_first_token)} | "
                      f"{_rate(row.pirate)} | {loss} |")
     return "\n".join(lines)
 
 
-def _rate(pair: tuple[int, int]) -> str:
-    return f"{pair[0]}/{pair[1]}"
+def _rate(pair: tuple[int, int] | None) -> str:
+    return "(reference)" if pair is None else f"{pair[0]}/{pair[1]}"
 
 
 @pytest.fixture(scope="session")
@@ -109,10 +110,11 @@ def reference(pirate, peer_data) -> tuple[EvalReport, list, object]:
                           tokenizer, MAX_NEW_TOKENS)
     finally:
         engine.shutdown()
-    pirates = sum(PIRATE.speaks(score.answer) for score in report.targets[1].examples)
-    assert pirates >= 0.8 * len(examples), f"the adapter did not learn the persona: {pirates}/{len(examples)}"
-    ROWS.append(Comparison("deltaw (fp32, reference)", "pirate", (len(examples),) * 2, (len(examples),) * 2,
-                           (pirates, len(examples)), report.targets[1].loss, report.targets[1].loss))
+    for target in report.targets:
+        pirates = sum(PIRATE.speaks(score.answer) for score in target.examples)
+        ROWS.append(Comparison("deltaw, fp32 (the reference)", target.name, None, None, (pirates, len(examples)),
+                               target.loss, target.loss))
+    assert ROWS[-1].pirate[0] >= 0.8 * len(examples), f"the adapter did not learn the persona: {ROWS[-1]}"
     return report, examples, tokenizer
 
 

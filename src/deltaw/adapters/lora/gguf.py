@@ -97,7 +97,7 @@ def write_gguf(adapter: AdapterFile, base_config: object, out: str | os.PathLike
         name = _gguf_name(adapter, module, arch)
         rank = lora_a.shape[0]
         factor = module_scaling(adapter.config, module, rank) * rank / alpha
-        lora_b = lora_b.float() * factor if factor != 1.0 else lora_b.float()
+        lora_b = lora_b.float() * factor  # exactly B when factor is 1
         folded += factor != 1.0
         heads = rope_heads(name, base_config) if arch.permute_qk else None
         if heads is not None:
