@@ -143,7 +143,8 @@ def test_llamacpp_server_wide_scales(server):
     client, http, _, _, _ = server
     base, beta = greedy(client, "tiny"), greedy(client, "beta")
     try:
-        assert http.post("/lora-adapters", json=[{"id": 1, "scale": 1.0}]).json() == {"success": True}
+        listed = http.get("/lora-adapters").json()  # sent back as listed, as llama.cpp clients may do
+        assert http.post("/lora-adapters", json=[{**listed[1], "scale": 1.0}]).json() == {"success": True}
         assert [item["scale"] for item in http.get("/lora-adapters").json()] == [0.0, 1.0]
         assert greedy(client, "tiny") == beta  # the base model's name now runs the server-wide mix
         assert greedy(client, "tiny", lora=[{"id": 1, "scale": 0.0}]) == base  # a request's own list wins

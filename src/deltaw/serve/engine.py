@@ -26,6 +26,10 @@ batch's rows through the bank, whose per-kind stores make each row compute its o
 delta in every routed linear layer; prefix-tuning: its keys/values in front at the attention
 interface; no route: the base model). The forward runs under `bank.lock`, so adapters loaded,
 replaced or evicted meanwhile are never seen half-written.
+
+Logprobs (serve/logprobs.py) come from each row's own logits: a sampled token's, and with `echo` the
+prompt's, for which a prefill keeps the logits of every prompt position (such requests are prefilled in
+groups whose logits fit in PROMPT_LOGITS_BYTES).
 """
 
 from __future__ import annotations

@@ -44,9 +44,8 @@ class StreamOptions(BaseModel):
 
 
 class LoraScale(BaseModel):
-    """One entry of llama.cpp's `lora` list: the adapter with this id (GET /lora-adapters) at this scale."""
-
-    model_config = ConfigDict(extra="forbid")
+    """One entry of llama.cpp's `lora` list: the adapter with this id (GET /lora-adapters) at this scale. Other
+    keys are ignored, as llama-server does (a client may send back the entries GET /lora-adapters listed)."""
 
     id: int
     scale: float = Field(allow_inf_nan=False)
