@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -52,7 +53,8 @@ class EvalOptions:
     model: str = BUNDLED_NAME
     adapter: list[str] = field(default_factory=list, metadata={"repeat": True, "metavar": "NAME=DIR"})
     url: str | None = None
-    api_key: str | None = None
+    api_key: str | None = field(default_factory=lambda: os.environ.get("DELTAW_API_KEY"),
+                                metadata={"default_help": "$DELTAW_API_KEY"})
     no_base: bool = False
     max_new_tokens: int = 64
     seq_len: int = 1024
