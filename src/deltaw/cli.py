@@ -23,6 +23,9 @@ from deltaw.models.loading import ModelLoadError
 from deltaw.serve.app import serve
 from deltaw.serve.config import ServeConfig
 from deltaw.tools.chat import GenerateOptions, run_chat, run_generate
+from deltaw.tools.eval import EvalOptions, run_eval
+from deltaw.tools.eval_backends import EvalServerError
+from deltaw.tools.export import ExportOptions, export_adapter
 from deltaw.tools.generation import GenerationOptions
 from deltaw.tools.merge import MergeOptions, merge_to_dir
 from deltaw.tools.plan import PlanOptions, plan
@@ -33,7 +36,7 @@ from deltaw.train.checkpoint import CheckpointError
 from deltaw.train.data import DataError
 
 USER_ERRORS = (AdapterFormatError, TargetError, ModelLoadError, DataError, TrainingError, CheckpointError,
-               OSError, KeyError, ValueError)
+               EvalServerError, OSError, KeyError, ValueError)
 
 
 @dataclass
@@ -41,7 +44,7 @@ class InspectOptions:
     """`deltaw inspect`.
 
     Attributes:
-        adapter: the adapter directory.
+        adapter: the adapter directory (or a llama.cpp LoRA .gguf file).
     """
 
     adapter: str = field(metadata={"positional": True})
@@ -60,15 +63,20 @@ COMMANDS: dict[str, tuple[str, type, Callable[[Any], Any]]] = {
     "generate": ("generate text with the base model or an adapter", GenerateOptions, run_generate),
     "chat": ("interactive chat; /use NAME switches adapters", GenerationOptions, run_chat),
     "serve": ("serve the base model and many adapters (OpenAI-compatible HTTP)", ServeConfig, serve),
+    "eval": ("score a JSONL test set with the base model and each adapter (here or on a server)", EvalOptions,
+             run_eval),
     "merge": ("merge an adapter into the base and save an HF model directory", MergeOptions, merge_to_dir),
     "quantize": ("store a model's linear layers as NF4 (QLoRA's base)", QuantizeOptions, quantize_to_dir),
-    "inspect": ("describe an adapter directory", InspectOptions, lambda options: describe_adapter(options.adapter)),
+    "export": ("write an adapter as a llama.cpp LoRA GGUF (llama-server --lora, Ollama)", ExportOptions,
+               export_adapter),
+    "inspect": ("describe an adapter directory or .gguf file", InspectOptions,
+                lambda options: describe_adapter(options.adapter)),
     "extract": ("extract an adapter from a fine-tuned model (SVD of W_tuned - W_base)", ExtractOptions, run_extract),
     "resize": ("lower an adapter's rank by SVD", ResizeOptions, run_resize),
     "combine": ("combine adapters: exact (cat) or truncated (svd)", CombineOptions, run_combine),
     "plan": ("parameters and memory: full fine-tuning vs LoRA vs QLoRA", PlanOptions, plan),
 }
-QUIET = {"generate", "merge", "quantize", "serve"}  # commands that print as they go; their result is not printed again
+QUIET = {"eval", "generate", "merge", "quantize", "serve"}  # they print as they go; their result is not printed again
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +31,19 @@ def write_random_adapters(model: nn.Module, directory: Path, configs: dict[str, 
         deltaw.add_lora(model, config, name)
         randomize_lora_b(model, name, seed=seed, std=std)
         deltaw.save_adapter(model, directory / name, name)
+
+
+def adapters_on_disk(model_dir: Path, root: Path) -> tuple[nn.Module, object, Path]:
+    """(plain model, tokenizer, adapters dir): random adapters alpha, beta and gamma in `root/adapters`, and
+    'escape', a symlink there that leads outside it."""
+    adapters_dir, outside = root / "adapters", root / "outside"
+    model, tokenizer = deltaw.load_model(model_dir)
+    config = deltaw.LoRAConfig(rank=4, alpha=8)
+    write_random_adapters(model, adapters_dir, {"alpha": config, "beta": config, "gamma": config}, std=0.5)
+    write_random_adapters(model, outside, {"escape": config}, std=0.5)
+    os.symlink(outside / "escape", adapters_dir / "escape")
+    deltaw.unload(model)
+    return model, tokenizer, adapters_dir
 
 
 @contextlib.contextmanager

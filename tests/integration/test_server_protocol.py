@@ -7,13 +7,11 @@ the bundled-model behaviour (personas, concurrency, the openai client) is in tes
 from __future__ import annotations
 
 import json
-import os
 
 import httpx
 import pytest
 
-import deltaw
-from tests.integration.serving import API_KEY, running_server, write_random_adapters
+from tests.integration.serving import API_KEY, adapters_on_disk, running_server
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CHAT = {"model": "alpha", "messages": [{"role": "user", "content": "Say something."}], "max_tokens": 4}
@@ -22,14 +20,7 @@ CHAT = {"model": "alpha", "messages": [{"role": "user", "content": "Say somethin
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     """(client, adapters_dir, engine): alpha and beta served; gamma on disk only; 'escape' a symlink leading out."""
-    root = tmp_path_factory.mktemp("protocol")
-    adapters_dir, outside = root / "adapters", root / "outside"
-    model, tokenizer = deltaw.load_model(tiny_model_dir)
-    config = deltaw.LoRAConfig(rank=4, alpha=8)
-    write_random_adapters(model, adapters_dir, {"alpha": config, "beta": config, "gamma": config}, std=0.5)
-    write_random_adapters(model, outside, {"escape": config}, std=0.5)
-    os.symlink(outside / "escape", adapters_dir / "escape")
-    deltaw.unload(model)
+    model, tokenizer, adapters_dir = adapters_on_disk(tiny_model_dir, tmp_path_factory.mktemp("protocol"))
     with running_server(model, tokenizer, "tiny", adapters_dir, ["alpha", "beta"], max_model_len=64) as (url, engine):
         with httpx.Client(base_url=url, headers=AUTH, timeout=60) as client:
             yield client, adapters_dir, engine
@@ -67,7 +58,13 @@ BAD_CHAT = [
     ({**CHAT, "top_p": 1.5}, "top_p", "less than or equal to 1"),
     ({**CHAT, "n": 2}, "n", "only n=1"),
     ({**CHAT, "stop": [""]}, "stop", "non-empty"),
-    ({**CHAT, "logprobs": True}, None, "'logprobs' is not supported"),
+    ({**CHAT, "frequency_penalty": 0.5}, None, "'frequency_penalty' is not supported"),
+    ({**CHAT, "top_logprobs": 2}, None, "'top_logprobs' needs 'logprobs': true"),
+    ({**CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
+    ({**CHAT, "lora": {"id": 0, "scale": 1}}, "lora", "'lora' must be an array of objects with 'id' and 'scale'"),
+    ({**CHAT, "lora": [{"id": 0}]}, "lora.0.scale", "missing"),
+    ({**CHAT, "model": "tiny", "lora": [{"id": 9, "scale": 1.0}]}, "lora", "no adapter has id 9"),
+    ({**CHAT, "lora": [{"id": 0, "scale": 1.0}]}, "lora", "set 'model' to the base model's name"),
     ({**CHAT, "stream": "yes please"}, "stream", "valid boolean"),
     ({**CHAT, "seed": -1}, "seed", "seed must be an integer in [0, 2**64)"),
     ({**CHAT, "seed": 2**64}, "seed", "seed must be an integer in [0, 2**64)"),

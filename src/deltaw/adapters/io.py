@@ -10,34 +10,41 @@ import torch
 from torch import nn
 
 from deltaw.adapters.files import CONFIG_FILE, deltaw_section, read_adapter_config
-from deltaw.adapters.kinds import AdapterKind, kind_for_peft, kind_of
+from deltaw.adapters.kinds import AdapterKind, kind_for_file, kind_for_peft, kind_of
 from deltaw.adapters.state import AdapterRecord, adapters_of, check_adapter_name, require_adapter
 
 
 def adapter_kind(path: str | os.PathLike) -> AdapterKind:
-    """The kind of the adapter in directory `path` (from its adapter_config.json)."""
+    """The kind of the adapter at `path`: a directory's adapter_config.json says, a single file's suffix does
+    (a llama.cpp LoRA .gguf)."""
+    if Path(path).is_file():
+        return kind_for_file(path)
     return kind_for_peft(read_adapter_config(path), Path(path) / CONFIG_FILE)
 
 
 def read_adapter(path: str | os.PathLike) -> Any:
-    """Read and check the adapter in directory `path` on its own (no model needed): LoRA adapters give an
-    AdapterFile (config, module -> (A, B)), prefix adapters a PrefixFile (config, prompt_embeddings)."""
+    """Read and check the adapter at `path` on its own (no model needed): LoRA adapters give an AdapterFile
+    (config, module -> (A, B); a .gguf file a GGUFAdapterFile), prefix adapters a PrefixFile."""
     return adapter_kind(path).read(Path(path))
 
 
 def load_adapter(
     model: nn.Module,
     path: str | os.PathLike,
-    name: str,
+    name: str | None = None,
     ignore_fingerprint: bool = False,
     dtype: torch.dtype | None = None,
 ) -> AdapterRecord:
-    """Load the adapter in directory `path` onto `model` as `name` (not activated: see set_adapter).
+    """Load the adapter at `path` onto `model` as `name` (not activated: see set_adapter).
 
-    Any kind deltaw knows (LoRA, prefix-tuning) in PEFT's layout. Everything is read and checked first;
-    a rejected file leaves the model exactly as it was. Tensors take the base weights' dtype unless
-    `dtype` is given.
+    Any kind deltaw knows (LoRA, prefix-tuning) in PEFT's layout, or a llama.cpp LoRA .gguf file. The
+    name defaults to the directory's name or the file's stem. Everything is read and checked first; a
+    rejected file leaves the model exactly as it was. Tensors take the base weights' dtype unless `dtype`
+    is given.
     """
+    if name is None:
+        given = Path(str(path).rstrip("/"))
+        name = given.stem if given.is_file() else given.name
     check_adapter_name(name)
     if name in adapters_of(model).adapters:
         raise ValueError(f"adapter {name!r} is already loaded; delete_adapter(model, {name!r}) first or pick another name")

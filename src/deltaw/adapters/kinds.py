@@ -39,6 +39,8 @@ class AdapterKind(ABC):
         config_type: the kind's config dataclass.
         label: how messages name an adapter of this kind ("a LoRA adapter").
         mixable: whether served requests may combine it with others in a weighted mix.
+        file_suffixes: single-file formats the kind also reads, besides PEFT's directory (LoRA: ".gguf",
+            llama.cpp's adapters); `read(path)` gets such a file's path.
     """
 
     name: ClassVar[str]
@@ -46,6 +48,7 @@ class AdapterKind(ABC):
     config_type: ClassVar[type]
     label: ClassVar[str]
     mixable: ClassVar[bool] = False
+    file_suffixes: ClassVar[tuple[str, ...]] = ()
 
     # ----------------------------------------------------------------------------- choosing
     def claims(self, peft_config: dict) -> bool:
@@ -63,7 +66,8 @@ class AdapterKind(ABC):
 
     @abstractmethod
     def read(self, path: Path) -> Any:
-        """Read and check an adapter directory of this kind on its own (no model needed)."""
+        """Read and check an adapter directory (or a file with one of `file_suffixes`) of this kind on its own
+        (no model needed)."""
 
     @abstractmethod
     def plan(self, model: nn.Module, adapter: Any, ignore_fingerprint: bool = False,
@@ -187,3 +191,14 @@ def kind_for_peft(peft_config: dict, where: str | os.PathLike) -> AdapterKind:
         raise AdapterFormatError(f"{where}: key 'peft_type': expected one of {known}, found "
                                  f"{peft_config.get('peft_type')!r}")
     return claimed[-1]  # a variant registered after its base kind (e.g. DoRA after LoRA) is more specific
+
+
+def kind_for_file(path: str | os.PathLike) -> AdapterKind:
+    """The kind that reads the single adapter file `path` (by its suffix), or an AdapterFormatError."""
+    suffix = Path(path).suffix.lower()
+    for kind in _KINDS.values():
+        if suffix in kind.file_suffixes:
+            return kind
+    suffixes = sorted({s for kind in _KINDS.values() for s in kind.file_suffixes})
+    raise AdapterFormatError(f"{path}: not an adapter directory; an adapter is a directory holding adapter_config.json "
+                             f"and adapter_model.safetensors, or a file ending in {' or '.join(suffixes)}")

@@ -7,7 +7,9 @@
     sampling.py   SamplingParams, token sampling, incremental text with stop strings
     requests.py   RequestHandle (events, result, cancel) and the engine's statistics
     config.py     ServeConfig: the `deltaw serve` settings
-    app.py        the OpenAI-compatible HTTP server (`deltaw serve`); completions.py, protocol.py, state.py
+    logprobs.py   token logprobs from each row's own logits, in OpenAI's shapes
+    app.py        the OpenAI-compatible HTTP server (`deltaw serve`); completions.py, protocol.py, state.py;
+                  vLLM's and llama.cpp's adapter routes (peer_routes.py, llamacpp.py, admin.py)
 """
 
 from deltaw.serve.bank import AdapterBank, AdapterChoice, BankFullError, UnknownAdapterError

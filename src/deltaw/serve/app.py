@@ -6,16 +6,16 @@
 
 `model` in a request picks the adapter: an adapter's name, the base model's name, or a weighted mix
 "pirate*0.5+robot*0.5". An unknown name is a 404 listing the served names, never the base model.
-Admin routes load, unload, pin and unpin adapters from the adapters directory while traffic runs.
-Every /v1 route needs `Authorization: Bearer KEY` when the server has an API key; /health,
-/metrics and the API's description (/docs, /redoc, /openapi.json) stay open. A request body over
---max-request-bytes is a 413 before it is read (serve/bodylimit.py). Every error, including
+Admin routes load, unload, pin and unpin adapters from the adapters directory while traffic runs;
+vLLM's and llama.cpp's adapter routes do the same for their clients (serve/peer_routes.py).
+Every /v1 route and /lora-adapters need `Authorization: Bearer KEY` when the server has an API key;
+/health, /metrics and the API's description (/docs, /redoc, /openapi.json) stay open. A request body
+over --max-request-bytes is a 413 before it is read (serve/bodylimit.py). Every error, including
 FastAPI's own validation errors, has OpenAI's shape {"error": {"message", "type", "param", "code"}}.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import socket
@@ -32,14 +32,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 from transformers import PreTrainedTokenizerBase
 
-from deltaw.adapters import AdapterFormatError, parse_adapter_spec
+from deltaw.adapters import parse_adapter_spec
 from deltaw.models.loading import DTYPES, load_model
-from deltaw.serve.bank import AdapterBank, BankFullError, UnknownAdapterError
+from deltaw.serve.admin import bank_call, not_base
+from deltaw.serve.bank import AdapterBank
 from deltaw.serve.bodylimit import BodyLimitMiddleware
 from deltaw.serve.completions import respond
 from deltaw.serve.config import MAX_REQUEST_BYTES, ServeConfig
 from deltaw.serve.engine import Engine
 from deltaw.serve.metrics import ServerMetrics
+from deltaw.serve.peer_routes import router as peer_router
 from deltaw.serve.state import ServerState
 from deltaw.serve.protocol import AdapterLoadRequest, APIError, ChatRequest, CompletionRequest, error_body
 
@@ -69,11 +71,15 @@ def create_app(engine: Engine, bank: AdapterBank, tokenizer: PreTrainedTokenizer
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
     app.include_router(router)
+    app.include_router(peer_router)
     return app
 
 
+PROTECTED_PATHS = ("/v1", "/lora-adapters")  # what needs the API key (llama.cpp's admin route included)
+
+
 class ApiKeyMiddleware:
-    """Refuses /v1 requests without `Authorization: Bearer KEY`, before the body is read.
+    """Refuses /v1 and /lora-adapters requests without `Authorization: Bearer KEY`, before the body is read.
 
     The scheme is case-insensitive ("bearer KEY" too, as RFC 7235 says); the key is compared in
     constant time.
@@ -83,7 +89,7 @@ class ApiKeyMiddleware:
         self.app, self.expected = app, api_key.encode() if api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.expected is None or scope["type"] != "http" or not scope["path"].startswith("/v1"):
+        if self.expected is None or scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PATHS):
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, key = given.strip().partition(b" ")
@@ -206,41 +212,22 @@ async def completions(request: Request, body: CompletionRequest) -> Response | d
 
 # ----------------------------------------------------------------------------- admin
 
-async def _bank_call(state: ServerState, action, *args) -> None:
-    """Run a bank operation on a thread (loading reads files) and map its errors to HTTP statuses."""
-    try:
-        await asyncio.to_thread(action, *args)
-    except UnknownAdapterError as exc:
-        raise APIError(404, str(exc), "name", "adapter_not_found", kind="not_found_error") from None
-    except FileNotFoundError as exc:
-        raise APIError(404, str(exc), "name", "adapter_not_found", kind="not_found_error") from None
-    except BankFullError as exc:
-        raise APIError(503, str(exc), code="bank_full", kind="server_error") from None
-    except (AdapterFormatError, ValueError) as exc:
-        raise APIError(400, str(exc), "name", "invalid_adapter") from None
-
-
-def _not_base(state: ServerState, name: str) -> None:
-    if name == state.base_name:
-        raise APIError(400, f"{name!r} is the base model, not an adapter", "name", "invalid_adapter")
-
-
 @router.post("/v1/adapters")
 async def load_adapter(request: Request, body: AdapterLoadRequest) -> dict:
     """Load (or replace) `<adapters_dir>/<name>`; requests already running on an old version finish on it."""
     state = _state(request)
-    _not_base(state, body.name)
-    await _bank_call(state, state.bank.load_from_dir, body.name)
+    not_base(state, body.name)
+    await bank_call(state, state.bank.load_from_dir, body.name)
     if body.pin:
-        await _bank_call(state, state.bank.pin, body.name)
+        await bank_call(state, state.bank.pin, body.name)
     return _model_card(state, body.name)
 
 
 @router.delete("/v1/adapters/{name}")
 async def unload_adapter(request: Request, name: str) -> dict:
     state = _state(request)
-    _not_base(state, name)
-    await _bank_call(state, state.bank.unload, name)
+    not_base(state, name)
+    await bank_call(state, state.bank.unload, name)
     return {"id": name, "object": "model", "deleted": True}
 
 
@@ -248,8 +235,8 @@ async def unload_adapter(request: Request, name: str) -> dict:
 async def pin_adapter(request: Request, name: str, action: Literal["pin", "unpin"]) -> dict:
     """pin: keep the adapter resident (loading it back if it was evicted); unpin: let it be evicted again."""
     state = _state(request)
-    _not_base(state, name)
-    await _bank_call(state, state.bank.pin if action == "pin" else state.bank.unpin, name)
+    not_base(state, name)
+    await bank_call(state, state.bank.pin if action == "pin" else state.bank.unpin, name)
     return _model_card(state, name)
 
 

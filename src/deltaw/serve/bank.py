@@ -106,24 +106,27 @@ class AdapterBank:
         """Load (or replace) adapter `name` from a PEFT-layout directory and make it resident."""
         self._load(name, Path(path), pin, root=None)
 
-    def load_from_dir(self, name: str) -> None:
-        """Load adapter `name` from `<adapters_dir>/<name>`.
+    def load_from_dir(self, name: str, path: str | os.PathLike | None = None) -> None:
+        """Load adapter `name` from `<adapters_dir>/<name>`, or from `path` (relative to adapters_dir, or
+        absolute: vLLM's `lora_path`) when given.
 
-        Refuses names that are not plain names, and directories or files that are links leading
-        outside adapters_dir. Error messages name paths relative to adapters_dir and never list it:
-        they are meant for remote clients.
+        Refuses names that are not plain names, paths that do not lead to an entry directly inside
+        adapters_dir, and directories or files that are links leading outside it. Error messages name
+        paths relative to adapters_dir and never list it: they are meant for remote clients.
         """
         if self.adapters_dir is None:
             raise ValueError("no adapters directory configured: start the bank with adapters_dir=DIR")
         check_adapter_name(name)  # letters, digits, '_' and '-': no '/', '..' or absolute path
-        path = (self.adapters_dir / name).resolve()
-        if path.parent != self.adapters_dir:
-            raise ValueError(f"adapter {name!r} is a link that leads outside the adapters directory; copy the "
-                             "adapter into the directory instead of linking it")
-        if not path.is_dir():
-            raise FileNotFoundError(f"no adapter directory {name!r} in the adapters directory; put the adapter's "
-                                    f"files in {name}/ there (or check the name)")
-        self._load(name, path, False, root=self.adapters_dir)
+        given = name if path is None else path
+        resolved = (self.adapters_dir / given).resolve()
+        if resolved.parent != self.adapters_dir:
+            raise ValueError(f"adapter {name!r}: its path leads outside the adapters directory (a link, '..' or "
+                             "another absolute path); copy the adapter into the directory instead")
+        if not resolved.is_dir():
+            raise FileNotFoundError(f"no adapter directory {resolved.name!r} in the adapters directory; put the "
+                                    f"adapter's files in {resolved.name}/ there (or check the name)")
+        self._load(name, resolved, False, root=self.adapters_dir)
+
 
     def _load(self, name: str, path: Path, pin: bool, root: Path | None) -> None:
         check_adapter_name(name)
@@ -171,6 +174,11 @@ class AdapterBank:
     def pinned(self) -> list[str]:
         with self.lock:
             return sorted(name for name, known in self._known.items() if known.pinned)
+
+    def path(self, name: str) -> Path:
+        """Where known adapter `name` is read from."""
+        with self.lock:
+            return self._require(name).path
 
     def kind(self, name: str) -> AdapterKind:
         """The kind of known adapter `name`."""

@@ -10,16 +10,18 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 
 from fastapi import Request
 from jinja2 import TemplateError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from deltaw.models.chat import chat_inputs
-from deltaw.serve.bank import BankFullError, UnknownAdapterError
+from deltaw.serve.bank import AdapterChoice, BankFullError, UnknownAdapterError
 from deltaw.serve.engine import Completion, RequestHandle, SamplingParams, TokenEvent, parse_adapter_choice
+from deltaw.serve.llamacpp import request_choice
+from deltaw.serve.logprobs import LogprobsFormat, TokenLogprob
 from deltaw.serve.state import ServerState
 from deltaw.serve.protocol import (
     APIError,
@@ -39,24 +41,48 @@ DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions; chat def
 
 @dataclass
 class Generation:
-    """A submitted request: its handle, the label metrics count it under, and its clock (perf_counter)."""
+    """A submitted request: its handle, the label metrics count it under, its clock (perf_counter), and what
+    its answer carries besides the text: logprobs in its endpoint's shape, the prompt echoed (completions)."""
 
     handle: RequestHandle
     model: str
     label: str
     endpoint: str
     start: float
+    logprobs: LogprobsFormat | None = None
+    prompt_ids: list[int] = field(default_factory=list)
+    echo: str | None = None
+
+    def logprobs_body(self, entries: list[TokenLogprob | None], tokens: list[int] | None = None) -> dict | None:
+        """`entries` in the endpoint's shape, or None when the request asked for no logprobs."""
+        return None if self.logprobs is None or not entries else self.logprobs(entries, tokens)
+
+    def prompt_logprobs(self) -> dict | None:
+        """The echoed prompt's logprobs (after the first event: the engine sets them before it)."""
+        entries = self.handle.prompt_logprobs or [None] * len(self.prompt_ids)
+        return self.logprobs_body(entries, self.prompt_ids)
 
 
 def resolve_model(state: ServerState, model: str) -> None | str | dict[str, float]:
     """The request's `model` -> None (base), an adapter name, or {name: weight}; 404 for unknown names."""
+    return _checked_choice(state, "model", lambda: parse_adapter_choice(model, state.base_name))
+
+
+def pick_adapters(state: ServerState, body: ChatRequest | CompletionRequest) -> None | str | dict[str, float]:
+    """What the request runs: its `model`, or llama.cpp's `lora` list, or the server-wide scales (llamacpp.py)."""
+    choice = resolve_model(state, body.model)
+    return _checked_choice(state, "lora", lambda: request_choice(state.lora_table, state.bank, choice, body.lora))
+
+
+def _checked_choice(state: ServerState, field_name: str, pick: Callable[[], AdapterChoice]) -> AdapterChoice:
+    """`pick()`'s choice once the bank knows every name in it (404) and can run it (400 naming `field_name`)."""
     try:
-        choice = parse_adapter_choice(model, state.base_name)
+        choice = pick()
         state.bank.resolve(choice)
     except UnknownAdapterError as exc:
         raise unknown_model(state, exc.name) from None
     except ValueError as exc:
-        raise APIError(400, f"model: {exc}", "model", "invalid_model") from None
+        raise APIError(400, f"{field_name}: {exc}", field_name, f"invalid_{field_name}") from None
     return choice
 
 
@@ -103,8 +129,10 @@ def sampling_params(state: ServerState, body: ChatRequest | CompletionRequest, p
     if max_tokens is None:
         chat_default = max(state.engine.max_model_len - prompt_length, 1)
         max_tokens = DEFAULT_COMPLETION_TOKENS if isinstance(body, CompletionRequest) else chat_default
+    echo = isinstance(body, CompletionRequest) and body.echo
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                          stop=list(body.stop), seed=body.seed)
+                          stop=list(body.stop), seed=body.seed, logprobs=body.logprobs_count(),
+                          prompt_logprobs=body.logprobs_count() if echo else None)
 
 
 async def submit(state: ServerState, body: ChatRequest | CompletionRequest, endpoint: str) -> Generation:
@@ -118,7 +146,7 @@ async def submit(state: ServerState, body: ChatRequest | CompletionRequest, endp
     """
     start = time.perf_counter()
     loop = asyncio.get_running_loop()
-    choice = resolve_model(state, body.model)
+    choice = pick_adapters(state, body)
     check_prompt_text(state, body)
     ids = await loop.run_in_executor(state.waiters, prompt_ids, state, body)
     params = sampling_params(state, body, len(ids))
@@ -131,7 +159,12 @@ async def submit(state: ServerState, body: ChatRequest | CompletionRequest, endp
     except (BankFullError, RuntimeError) as exc:  # every slot busy, or shutting down: retry later
         raise APIError(503, str(exc), code="unavailable", kind="server_error") from None
     label = "mix" if isinstance(choice, dict) else choice or state.base_name
-    return Generation(handle, body.model, label, endpoint, start)
+    chat = isinstance(body, ChatRequest)
+    logprobs = None if body.logprobs_count() is None else LogprobsFormat(state.tokenizer, chat)
+    echo = None
+    if not chat and body.echo:
+        echo = body.prompt if isinstance(body.prompt, str) else state.tokenizer.decode(ids)
+    return Generation(handle, body.model, label, endpoint, start, logprobs, list(ids), echo)
 
 
 async def next_event(state: ServerState, generation: Generation) -> TokenEvent:
@@ -181,17 +214,18 @@ async def stream_events(state: ServerState, generation: Generation, chat: bool,
     request_id, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
     kind = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(text: str | None, finish_reason: str | None, first: bool = False, usage_: dict | None = None) -> str:
+    def chunk(text: str | None, finish_reason: str | None, first: bool = False, usage_: dict | None = None,
+              logprobs: dict | None = None) -> str:
         if usage_ is not None:
             choices = []
         elif chat:
             delta = {"role": "assistant", "content": ""} if first else {} if text is None else {"content": text}
-            choices = [chat_delta(delta, finish_reason)]
+            choices = [chat_delta(delta, finish_reason, logprobs)]
         else:
-            choices = [text_choice(text or "", finish_reason)]
+            choices = [text_choice(text or "", finish_reason, logprobs)]
         return sse(response_body(request_id, kind, generation.model, choices, usage_, created))
 
-    done = False
+    done, pending = False, []  # pending: logprobs of tokens whose text is still held back
     try:
         if chat:
             yield chunk(None, None, first=True)
@@ -202,12 +236,17 @@ async def stream_events(state: ServerState, generation: Generation, chat: bool,
                 state.metrics.record_error(exc.status)
                 yield sse(exc.body())
                 break
+            if generation.echo is not None:  # the prompt first (its logprobs exist once the first event came)
+                yield chunk(generation.echo, None, logprobs=generation.prompt_logprobs())
+                generation.echo = None
+            pending += [event.logprob] if event.logprob is not None else []
             if event.text:
-                yield chunk(event.text, None)
+                yield chunk(event.text, None, logprobs=generation.logprobs_body(pending))
+                pending = []
             if event.finish_reason is not None:
                 done = True
                 completion = await finish(state, generation)
-                yield chunk(None, completion.finish_reason)
+                yield chunk(None, completion.finish_reason, logprobs=generation.logprobs_body(pending))
                 if include_usage:
                     yield chunk(None, None, usage_=usage(completion.prompt_tokens, completion.completion_tokens))
                 break
@@ -227,6 +266,17 @@ async def respond(state: ServerState, body: ChatRequest | CompletionRequest, req
     completion = await collect(state, generation, request)
     if completion is None:  # the client left; nobody reads this
         return JSONResponse(error_body("client disconnected", "invalid_request_error"), 499)
-    choice = (chat_choice if chat else text_choice)(completion.text, completion.finish_reason)
+    choice = final_choice(generation, completion, chat)
     return response_body(new_id("chatcmpl" if chat else "cmpl"), "chat.completion" if chat else "text_completion",
                          body.model, [choice], usage(completion.prompt_tokens, completion.completion_tokens))
+
+
+def final_choice(generation: Generation, completion: Completion, chat: bool) -> dict:
+    """The one choice of an answer sent whole: its text (after the echoed prompt) and its logprobs if asked."""
+    if chat:
+        return chat_choice(completion.text, completion.finish_reason, generation.logprobs_body(completion.logprobs))
+    text, entries, tokens = completion.text, list(completion.logprobs), [e.token_id for e in completion.logprobs]
+    if generation.echo is not None:
+        prompt = completion.prompt_logprobs or [None] * len(generation.prompt_ids)
+        text, entries, tokens = generation.echo + text, prompt + entries, generation.prompt_ids + tokens
+    return text_choice(text, completion.finish_reason, generation.logprobs_body(entries, tokens))

@@ -19,7 +19,8 @@ class ServeConfig:
 
     Attributes:
         model: base model; clients select it by this name (a directory's last component for a path).
-        adapter: NAME=DIR: serve an adapter under a name (repeatable); clients select it with model=NAME.
+        adapter: NAME=DIR: serve an adapter under a name (repeatable); clients select it with model=NAME. DIR may
+            also be a llama.cpp LoRA .gguf file.
         adapters_dir: the directory the admin routes (POST /v1/adapters) may load adapters from, by name.
         host: the address to listen on.
         port: the port to listen on.
@@ -62,5 +63,5 @@ class ServeConfig:
         if self.adapters_dir is not None and not os.path.isdir(self.adapters_dir):
             raise FileNotFoundError(f"--adapters-dir {self.adapters_dir}: no such directory")
         for spec in self.adapter:
-            if not os.path.isdir(parse_adapter_spec(spec)[1]):
-                raise FileNotFoundError(f"--adapter {spec}: no such adapter directory")
+            if not os.path.exists(parse_adapter_spec(spec)[1]):
+                raise FileNotFoundError(f"--adapter {spec}: no such adapter directory or .gguf file")

@@ -30,6 +30,10 @@ replaced or evicted meanwhile are never seen half-written.
 A bad request fails alone: a row whose logits are not finite (e.g. a mix with absurd weights) or
 whose sampling throws ends with finish_reason "error" while the batch runs on; a failed prefill ends
 only its newcomers. Only a decode forward that throws (a device failure) ends the whole batch.
+
+Logprobs (serve/logprobs.py) come from each row's own logits: a sampled token's, and with `echo` the
+prompt's, for which a prefill keeps the logits of every prompt position (such requests are prefilled in
+groups whose logits fit in PROMPT_LOGITS_BYTES).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from deltaw import compat
 from deltaw.adapters.state import check_adapter_name
 from deltaw.serve.bank import AdapterBank, AdapterChoice, Route, UnknownAdapterError
 from deltaw.serve.batch import join, keep_rows, prompt_batch
+from deltaw.serve.logprobs import TokenLogprob, prompt_logprobs, token_logprobs
 from deltaw.serve.requests import Completion, EngineStats, RequestHandle, TokenEvent, summarize  # noqa: F401 (re-exported)
 from deltaw.serve.sampling import SamplingParams, TextStream, sample_token
 
@@ -58,6 +63,8 @@ __all__ = [
     "Completion", "Engine", "RequestHandle", "SamplingParams", "TokenEvent", "UnknownAdapterError",
     "parse_adapter_choice", "summarize",
 ]
+
+PROMPT_LOGITS_BYTES = 1 << 28  # a prefill returning prompt logprobs keeps [rows, columns, vocab] float32 logits
 
 
 @dataclass
@@ -203,9 +210,8 @@ class Engine:
     def _step(self) -> None:
         """Admit newcomers (prefill), run one decode step, drop finished rows."""
         self._drop_cancelled()
-        newcomers = self._take_newcomers()
-        if newcomers:
-            self._prefill(newcomers)
+        for group in prefill_groups(self._take_newcomers(), self.vocab_size):
+            self._prefill(group)
         if self._rows:
             self._decode()
 
@@ -223,8 +229,9 @@ class Engine:
         If the forward fails, only the newcomers end (finish_reason "error"); the batch runs on."""
         input_ids, mask, positions = prompt_batch([row.prompt_ids for row in newcomers], self.pad_id)
         cache = compat.new_cache()
+        echo = any(row.params.prompt_logprobs is not None for row in newcomers)
         try:
-            logits = self._forward(newcomers, input_ids, mask, positions, cache)
+            logits = self._forward(newcomers, input_ids, mask, positions, cache, input_ids.shape[1] if echo else 1)
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory for one long prompt
             for row in newcomers:
                 self._finish(row, "error", exc)
@@ -234,7 +241,9 @@ class Engine:
         with self._wakeup:
             self._cache, self._mask = join(self._cache, self._mask, cache, mask)
             self._rows += newcomers
-        self._sample(newcomers, logits, first=True)
+        if echo:
+            _record_prompt_logprobs(newcomers, logits)
+        self._sample(newcomers, logits[:, -1], first=True)
         self._drop_finished()
 
     def _decode(self) -> None:
@@ -242,22 +251,22 @@ class Engine:
         input_ids = torch.tensor([[row.last_token] for row in rows], dtype=torch.long)
         positions = torch.tensor([[row.length] for row in rows], dtype=torch.long)
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
-        logits = self._forward(rows, input_ids, self._mask, positions, self._cache)
+        logits = self._forward(rows, input_ids, self._mask, positions, self._cache)[:, -1]
         for row in rows:
             row.length += 1
         self._sample(rows, logits, first=False)
         self._drop_finished()
 
     def _forward(self, rows: list[_Row], input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 cache: Cache) -> torch.Tensor:
-        """Last-position logits [rows, vocab] with each row routed to its adapters; the cache grows."""
+                 cache: Cache, keep: int = 1) -> torch.Tensor:
+        """The last `keep` positions' logits [rows, keep, vocab], each row routed to its adapters; the cache grows."""
         device = self.model.get_input_embeddings().weight.device
         with self.bank.lock:
             self.bank.set_routing([row.route for row in rows])
             output = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                 position_ids=positions.to(device), **compat.cache_argument(self.model, cache),
-                                use_cache=True, logits_to_keep=1)
-        return output.logits[:, -1, :].float().cpu()
+                                use_cache=True, logits_to_keep=keep)
+        return output.logits[:, -keep:, :].float().cpu()
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor, first: bool) -> None:
         """Each row's next token from `logits` [rows, vocab]. A row whose logits are not finite, or whose
@@ -274,11 +283,11 @@ class Engine:
                 row.last_token = token
                 if first:
                     self._stats.first_token(time.perf_counter() - row.handle.submitted)
-                self._advance(row, token)
+                self._advance(row, token, _token_logprob(row, logits[index], token))
             except Exception as exc:  # noqa: BLE001 - this row's input is bad; the batch runs on
                 self._finish(row, "error", exc)
 
-    def _advance(self, row: _Row, token: int) -> None:
+    def _advance(self, row: _Row, token: int, logprob: TokenLogprob | None = None) -> None:
         """Emit `token`'s event: its new text, and the finish reason if it ends the request."""
         if token in self.eos_ids:
             text, reason = row.stream.flush(), "stop"
@@ -287,7 +296,7 @@ class Engine:
             reason = "stop" if row.stream.stopped else None
             if reason is None and row.handle.completion_tokens + 1 >= row.params.max_tokens:
                 text, reason = text + row.stream.flush(), "length"
-        row.handle._emit(TokenEvent(text, token, reason))
+        row.handle._emit(TokenEvent(text, token, reason, logprob))
         if reason is not None:
             self._close(row)
 
@@ -333,6 +342,39 @@ class Engine:
             self._finish(row, "error", error)
         with self._wakeup:
             self._rows, self._cache, self._mask = [], None, None
+
+
+def prefill_groups(rows: list[_Row], vocab_size: int) -> list[list[_Row]]:
+    """Newcomers in prefill groups: rows without prompt logprobs all together; rows with them in groups whose
+    [rows, longest prompt, vocab] float32 logits fit in PROMPT_LOGITS_BYTES (a group has at least one row)."""
+    plain = [row for row in rows if row.params.prompt_logprobs is None]
+    groups, group, longest = ([plain] if plain else []), [], 0
+    for row in rows:
+        if row.params.prompt_logprobs is None:
+            continue
+        widest = max(longest, len(row.prompt_ids))
+        if group and (len(group) + 1) * widest * vocab_size * 4 > PROMPT_LOGITS_BYTES:
+            groups.append(group)
+            group, widest = [], len(row.prompt_ids)
+        group.append(row)
+        longest = widest
+    return groups + ([group] if group else [])
+
+
+def _record_prompt_logprobs(rows: list[_Row], logits: torch.Tensor) -> None:
+    """Give each row that asked for them its prompt's logprobs; logits: [rows, columns, vocab], left-padded."""
+    for index, row in enumerate(rows):
+        if row.params.prompt_logprobs is not None:
+            prompt = row.prompt_ids
+            row.handle.prompt_logprobs = prompt_logprobs(logits[index, -len(prompt):], prompt,
+                                                         row.params.prompt_logprobs)
+
+
+def _token_logprob(row: _Row, logits: torch.Tensor, token: int) -> TokenLogprob | None:
+    """`token`'s logprob and the row's top alternatives from its own logits [vocab], if the request asked."""
+    if row.params.logprobs is None:
+        return None
+    return token_logprobs(logits[None], [token], [row.params.logprobs])[0]
 
 
 def _eos_ids(model: nn.Module, tokenizer) -> set[int]:

@@ -1,9 +1,10 @@
 """The OpenAI wire format: request models (validated by pydantic), response and chunk bodies, error bodies.
 
-Only what deltaw serves is modelled: chat and text completions with one choice. Fields that OpenAI
-clients send and that change nothing here (`user`, `metadata`, ...) are accepted and ignored; fields
-that would change the result and are not implemented (`logprobs`, penalties, `n` > 1, ...) are refused
-with a 400 naming the field, rather than silently ignored.
+Only what deltaw serves is modelled: chat and text completions with one choice, logprobs (and `echo` on
+completions), and llama.cpp's per-request `lora` list. Fields that OpenAI clients send and that change
+nothing here (`user`, `metadata`, ...) are accepted and ignored; fields that would change the result and
+are not implemented (penalties, `n` > 1, ...) are refused with a 400 naming the field, rather than
+silently ignored.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from deltaw.serve.logprobs import MAX_LOGPROBS
+
 # Fields OpenAI defines that deltaw does not implement, with the value that means "off".
-UNSUPPORTED_UNLESS = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "frequency_penalty": (None, 0),
-                      "presence_penalty": (None, 0), "logit_bias": (None, {}), "best_of": (None, 1),
-                      "echo": (None, False), "suffix": (None, ""), "tools": (None, []), "response_format": (None,)}
+UNSUPPORTED_UNLESS = {"frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}),
+                      "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []), "response_format": (None,)}
+LORA_FIELD_ERROR = "'lora' must be an array of objects with 'id' and 'scale' fields"  # llama-server's words
 
 
 class APIError(Exception):
@@ -40,6 +43,14 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class LoraScale(BaseModel):
+    """One entry of llama.cpp's `lora` list: the adapter with this id (GET /lora-adapters) at this scale. Other
+    keys are ignored, as llama-server does (a client may send back the entries GET /lora-adapters listed)."""
+
+    id: int
+    scale: float = Field(allow_inf_nan=False)
+
+
 class SamplingRequest(BaseModel):
     """The fields chat and text completions share."""
 
@@ -54,6 +65,14 @@ class SamplingRequest(BaseModel):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    lora: list[LoraScale] | None = None
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _lora_list(cls, lora: Any) -> Any:
+        if lora is not None and not (isinstance(lora, list) and all(isinstance(item, dict) for item in lora)):
+            raise ValueError(LORA_FIELD_ERROR)
+        return lora
 
     @field_validator("n")
     @classmethod
@@ -110,18 +129,32 @@ class ChatMessage(BaseModel):
 class ChatRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("'top_logprobs' needs 'logprobs': true")
+        return self
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def logprobs_count(self) -> int | None:
+        """Alternatives per generated token (None: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, prompt: str | list[str] | list[int]) -> str | list[int]:
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+    def _one_prompt(cls, prompt: str | list[str] | list[int] | list[list[int]]) -> str | list[int]:
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
                 raise ValueError(f"one prompt per request is supported, found {len(prompt)}")
             prompt = prompt[0]
@@ -131,6 +164,10 @@ class CompletionRequest(SamplingRequest):
 
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+    def logprobs_count(self) -> int | None:
+        """Alternatives per generated (and, with echo, prompt) token (None: no logprobs)."""
+        return self.logprobs
 
 
 class AdapterLoadRequest(BaseModel):
@@ -151,17 +188,17 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chat_choice(text: str, finish_reason: str) -> dict[str, Any]:
-    return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+def chat_choice(text: str, finish_reason: str, logprobs: dict | None = None) -> dict[str, Any]:
+    return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
             "finish_reason": finish_reason}
 
 
-def chat_delta(delta: dict[str, str], finish_reason: str | None) -> dict[str, Any]:
-    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+def chat_delta(delta: dict[str, str], finish_reason: str | None, logprobs: dict | None = None) -> dict[str, Any]:
+    return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def text_choice(text: str, finish_reason: str | None) -> dict[str, Any]:
-    return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+def text_choice(text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict[str, Any]:
+    return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def response_body(request_id: str, kind: str, model: str, choices: list[dict], usage_: dict | None,

@@ -12,7 +12,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from deltaw.serve.logprobs import TokenLogprob
 
 
 @dataclass
@@ -24,21 +26,26 @@ class TokenEvent:
         token_id: the token generated at this step (None for an event without a token, e.g. cancel).
         finish_reason: None while running; at the end "stop" (EOS or a stop string), "length"
             (max_tokens), "cancelled", or "error" (the engine failed; `RequestHandle.error` says why).
+        logprob: the token's log-probability and top alternatives, when the request asked for logprobs.
     """
 
     text: str
     token_id: int | None
     finish_reason: str | None
+    logprob: TokenLogprob | None = None
 
 
 @dataclass
 class Completion:
-    """A finished request: the whole text (stop string excluded) and token counts."""
+    """A finished request: the whole text (stop string excluded), token counts, and the logprobs asked for
+    (`logprobs`: one per generated token; `prompt_logprobs`: one per prompt token, the first None)."""
 
     text: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class RequestHandle:
@@ -50,8 +57,10 @@ class RequestHandle:
         self.error: BaseException | None = None
         self.submitted = time.perf_counter()
         self.first_token_at: float | None = None
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None  # set before the first event
         self._events: queue.Queue[TokenEvent] = queue.Queue()
         self._pieces: list[str] = []
+        self._logprobs: list[TokenLogprob] = []
         self._final: TokenEvent | None = None
         self._done = threading.Event()
         self._cancelled = threading.Event()
@@ -79,7 +88,7 @@ class RequestHandle:
         if self.error is not None:
             raise RuntimeError(f"request {self.request_id} failed: {self.error}") from self.error
         return Completion("".join(self._pieces), self.prompt_tokens, self.completion_tokens,
-                          self._final.finish_reason)
+                          self._final.finish_reason, list(self._logprobs), self.prompt_logprobs)
 
     def cancel(self) -> None:
         """Stop generating; the request leaves the batch at the next step (finish_reason "cancelled")."""
@@ -98,6 +107,8 @@ class RequestHandle:
             return
         if event.text:
             self._pieces.append(event.text)
+        if event.logprob is not None:
+            self._logprobs.append(event.logprob)
         if event.token_id is not None:
             self.completion_tokens += 1
             self.first_token_at = self.first_token_at or time.perf_counter()

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from deltaw.serve.logprobs import MAX_LOGPROBS
+
 MIN_TEMPERATURE = 1e-5  # a lower temperature samples greedily (vLLM's threshold too)
 MAX_STOP_STRINGS = 32  # stop strings per request (OpenAI allows 4)
 MAX_STOP_CHARS = 256  # characters per stop string
@@ -46,6 +48,9 @@ class SamplingParams:
             (at most MAX_STOP_STRINGS, each of at most MAX_STOP_CHARS characters).
         seed: seeds this request's own generator, in [0, 2**64): the same seed gives the same text
             whatever the batch.
+        logprobs: report each generated token's log-probability and this many most likely alternatives
+            (0 to 20); None: no logprobs.
+        prompt_logprobs: the same for the prompt's tokens (OpenAI's `echo` with `logprobs`); None: none.
     """
 
     max_tokens: int = 128
@@ -53,6 +58,8 @@ class SamplingParams:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def check(self) -> None:
         """Raise SamplingError naming the first bad field and its allowed range."""
@@ -67,6 +74,12 @@ class SamplingParams:
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not 0 <= self.seed < SEED_LIMIT):
             raise SamplingError("seed", f"seed must be an integer in [0, 2**64) or None, found {self.seed!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value <= MAX_LOGPROBS):
+                raise SamplingError(name, f"{name} must be an integer in [0, {MAX_LOGPROBS}] or None, "
+                                    f"found {value!r}")
 
     def _check_stop(self) -> None:
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):

@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerBase
 
 from deltaw.serve.bank import AdapterBank
 from deltaw.serve.engine import Engine
+from deltaw.serve.llamacpp import LoraTable
 from deltaw.serve.metrics import ServerMetrics
 
 EVENT_WAITERS = 256  # threads that tokenize or wait on engine events (made on demand; idle ones cost nothing)
@@ -33,6 +34,7 @@ class ServerState:
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     waiters: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(EVENT_WAITERS, "deltaw-wait"))
     started: int = field(default_factory=lambda: int(time.time()))
+    lora_table: LoraTable = field(default_factory=LoraTable)  # llama.cpp's adapter ids and server-wide scales
     token_bytes: int = field(init=False)
 
     def __post_init__(self) -> None:

@@ -19,6 +19,7 @@ from deltaw.adapters.lora.files import (
     read_lora_adapter,
     save_lora,
 )
+from deltaw.adapters.lora.gguf import GGUFAdapterFile, describe_gguf, is_gguf, read_gguf_adapter
 from deltaw.adapters.lora.inject import LoRAReport, add_lora, lora_layers, merged_lora
 from deltaw.adapters.lora.routed import RoutedLinear, Routing
 from deltaw.adapters.state import AdapterRecord, adapters_of
@@ -33,16 +34,19 @@ class LoRAKind(AdapterKind):
     config_type = LoRAConfig
     label = "a LoRA adapter"
     mixable = True
+    file_suffixes = (".gguf",)  # llama.cpp's LoRA adapters (deltaw.adapters.lora.gguf)
 
     def add(self, model: nn.Module, config: LoRAConfig, name: str, dtype: torch.dtype | None = None,
             sample_ids: torch.Tensor | None = None) -> LoRAReport:
         return add_lora(model, config, name, dtype)
 
     def read(self, path: Path) -> AdapterFile:
-        return read_lora_adapter(path)
+        return read_gguf_adapter(path) if is_gguf(path) else read_lora_adapter(path)
 
     def plan(self, model: nn.Module, adapter: AdapterFile, ignore_fingerprint: bool = False,
              dtype: torch.dtype | None = None) -> LoRAPlan:
+        if isinstance(adapter, GGUFAdapterFile):
+            adapter = adapter.for_model(model)  # q/k rows back in the model's order
         return plan_load(model, adapter, ignore_fingerprint=ignore_fingerprint, dtype=dtype)
 
     def attach(self, model: nn.Module, name: str, planned: LoRAPlan, metadata: dict) -> AdapterRecord:
@@ -52,7 +56,7 @@ class LoRAKind(AdapterKind):
         return save_lora(model, name, path, metadata)
 
     def describe(self, adapter: AdapterFile) -> str:
-        return describe_lora(adapter)
+        return describe_gguf(adapter) if isinstance(adapter, GGUFAdapterFile) else describe_lora(adapter)
 
     def activate(self, model: nn.Module, name: str | None) -> None:
         for _, layer in lora_layers(model):
