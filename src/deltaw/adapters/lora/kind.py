@@ -19,7 +19,7 @@ from deltaw.adapters.lora.files import (
     read_lora_adapter,
     save_lora,
 )
-from deltaw.adapters.lora.inject import LoRAReport, add_lora, lora_layers, merged_lora
+from deltaw.adapters.lora.inject import LoRAReport, adapter_layers, add_lora, lora_layers, merged_lora
 from deltaw.adapters.lora.routed import RoutedLinear, Routing
 from deltaw.adapters.state import AdapterRecord, adapters_of
 from deltaw.adapters.targets import linear_modules
@@ -35,8 +35,8 @@ class LoRAKind(AdapterKind):
     mixable = True
 
     def add(self, model: nn.Module, config: LoRAConfig, name: str, dtype: torch.dtype | None = None,
-            sample_ids: torch.Tensor | None = None) -> LoRAReport:
-        return add_lora(model, config, name, dtype)
+            sample_ids: torch.Tensor | None = None, tokenizer: object | None = None) -> LoRAReport:
+        return add_lora(model, config, name, dtype, tokenizer=tokenizer)
 
     def read(self, path: Path) -> AdapterFile:
         return read_lora_adapter(path)
@@ -55,27 +55,28 @@ class LoRAKind(AdapterKind):
         return describe_lora(adapter)
 
     def activate(self, model: nn.Module, name: str | None) -> None:
-        for _, layer in lora_layers(model):
-            layer.active = name if name in layer.lora_A else None
+        for _, layer in adapter_layers(model):
+            layer.active = name if layer.has(name) else None
 
     def delete(self, model: nn.Module, name: str) -> None:
-        for _, layer in lora_layers(model):
-            if name in layer.lora_A:
+        for _, layer in adapter_layers(model):
+            if layer.has(name):
                 layer.delete_adapter(name)
 
     def unload(self, model: nn.Module) -> None:
-        """Replace every LoRALinear by the plain layer it wrapped (nn.Linear, or NF4Linear for a 4-bit base)
-        holding its current weight, merged or not."""
-        for module_name, layer in list(lora_layers(model)):
+        """Replace every adapter layer by the plain layer it wrapped (nn.Linear, NF4Linear for a 4-bit base,
+        nn.Embedding) holding its current weight, merged or not."""
+        for module_name, layer in list(adapter_layers(model)):
             model.set_submodule(module_name, layer.unwrap())
         state = adapters_of(model)
         for name in [name for name, record in state.adapters.items() if record.kind == self.name]:
             del state.adapters[name]
 
     def merge(self, model: nn.Module, name: str) -> None:
-        """W <- W + scaling·B·A in every layer `name` adapts; other layers return to their base weight."""
-        for _, layer in lora_layers(model):
-            if name in layer.lora_A:
+        """W <- W + scaling·B·A (DoRA: its rescaled sum; token rows: replaced) in every layer `name` adapts;
+        other layers return to their base weight."""
+        for _, layer in adapter_layers(model):
+            if layer.has(name):
                 layer.merge_(name)
             else:
                 layer.unmerge_()
@@ -85,7 +86,7 @@ class LoRAKind(AdapterKind):
         return merged_lora(model)
 
     def unmerge(self, model: nn.Module, release_memory: bool = False) -> None:
-        for _, layer in lora_layers(model):
+        for _, layer in adapter_layers(model):
             layer.unmerge_(release_memory=release_memory)
 
     def slot_store(self, model: nn.Module, max_slots: int) -> LoRASlots:
