@@ -149,7 +149,7 @@ def _plan_layer(model: nn.Module, adapter: AdapterFile, module: str, layer: nn.M
     embedding = module in adapter.embeddings
     key = f"{KEY_PREFIX}{module}.{pair_key(embedding, 'A')}"
     kind = "an embedding" if embedding else "a linear layer"
-    if layer is None or (is_embedding(layer) if embedding else not is_linear(layer)):
+    if layer is None or not (is_embedding(layer) if embedding else is_linear(layer)):
         raise AdapterFormatError(f"{where}: key '{key}' targets {module!r}, which is not {kind} of this model; "
                                  "is this adapter for another base model?")
     fan_in, fan_out = (layer.num_embeddings, layer.embedding_dim) if embedding else (layer.in_features,

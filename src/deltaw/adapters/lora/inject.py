@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deltaw.adapters.lora.dora import base_row_norms_sq, initial_magnitude
+from deltaw.adapters.lora.dora import initial_magnitude
 from deltaw.adapters.lora.config import LoRAConfig
 from deltaw.adapters.lora.embedding import LoRAEmbedding, TokenHead
 from deltaw.adapters.lora.layer import LoRALinear, init_lora_weights
@@ -159,9 +159,7 @@ def _add_to_module(model: nn.Module, module_name: str, config: LoRAConfig, name:
     )
     magnitude = None
     if config.use_dora:
-        base = layer.base_weight()
-        base = base.dequantize(torch.float32) if layer.quantized else base
-        magnitude = initial_magnitude(base_row_norms_sq(base)).to(dtype or lora_a.dtype)
+        magnitude = initial_magnitude(layer.base_row_norms_sq()).to(dtype or lora_a.dtype)
     layer.add_adapter(name, lora_a, lora_b, config.scaling, config.dropout, magnitude=magnitude)
     return [layer.lora_A[name], layer.lora_B[name], *([layer.lora_magnitude[name]] if config.use_dora else [])]
 

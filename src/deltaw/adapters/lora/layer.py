@@ -162,18 +162,19 @@ class LoRALinear(nn.Module):
         """Whether adapter `name` is a DoRA adapter in this layer (it has a magnitude vector)."""
         return name in self.lora_magnitude
 
+    def base_row_norms_sq(self) -> torch.Tensor:
+        """‖w_i‖² of the unmerged base weight (dequantized if NF4), float32 [out]."""
+        base = self._original_nf4().dequantize(torch.float32) if self.quantized else self.base_weight()
+        return base_row_norms_sq(base)
+
     def dora_norms(self, name: str) -> torch.Tensor:
         """‖W + scaling·B·A‖ per output row for adapter `name` [out] float32, no gradient (W dequantized if NF4).
 
         Computed afresh on every call, as PEFT does: about (rank + 1)/(3·tokens) of a training step's work
         on this layer; serving computes it once per adapter at load time instead."""
-        if self.quantized:
-            weight = self._original_nf4()
-            weight_sq = base_row_norms_sq(weight.dequantize(torch.float32))
-        else:
-            weight = self.base_weight()
-            weight_sq = base_row_norms_sq(weight)
-        return adapted_row_norms(weight, weight_sq, self.lora_A[name], self.lora_B[name], self.scaling[name])
+        weight = self._original_nf4() if self.quantized else self.base_weight()
+        return adapted_row_norms(weight, self.base_row_norms_sq(), self.lora_A[name], self.lora_B[name],
+                                 self.scaling[name])
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
