@@ -73,3 +73,11 @@ def initial_magnitude(weight_sq: torch.Tensor) -> torch.Tensor:
     """m for a fresh adapter (B = 0): ‖W‖_row from `weight_sq` [out] (‖w_i‖²), float32 [out]. Taken from the
     same sums the forward pass uses, so a fresh adapter's gain is exactly 1."""
     return weight_sq.sqrt()
+
+
+@torch.no_grad()
+def frozen_gain(weight: torch.Tensor | NF4Weight, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                magnitude: torch.Tensor) -> torch.Tensor:
+    """g = m / ‖W + s·B·A‖_row for a weight that no longer changes (serving): float32 [out]."""
+    base = weight.dequantize(torch.float32) if isinstance(weight, NF4Weight) else weight
+    return magnitude.float() / adapted_row_norms(weight, base_row_norms_sq(base), lora_a, lora_b, scaling)

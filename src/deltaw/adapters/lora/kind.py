@@ -1,14 +1,14 @@
-"""The LoRA kind: PEFT's peft_type "LORA", on LoRALinear layers, merged exactly, served from stacked slots."""
+"""The LoRA kind: PEFT's peft_type "LORA" (with DoRA, embedding LoRA and trainable tokens), on LoRALinear and
+LoRAEmbedding layers, merged exactly, served from stacked slots (slots.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from deltaw.adapters.kinds import AdapterKind, Route, SlotStore, register_kind
+from deltaw.adapters.kinds import AdapterKind, register_kind
 from deltaw.adapters.lora.config import LoRAConfig
 from deltaw.adapters.lora.files import (
     AdapterFile,
@@ -19,10 +19,9 @@ from deltaw.adapters.lora.files import (
     read_lora_adapter,
     save_lora,
 )
-from deltaw.adapters.lora.inject import LoRAReport, adapter_layers, add_lora, lora_layers, merged_lora
-from deltaw.adapters.lora.routed import RoutedLinear, Routing
+from deltaw.adapters.lora.inject import LoRAReport, adapter_layers, add_lora, merged_lora
+from deltaw.adapters.lora.slots import LoRASlots
 from deltaw.adapters.state import AdapterRecord, adapters_of
-from deltaw.adapters.targets import linear_modules
 
 
 class LoRAKind(AdapterKind):
@@ -91,62 +90,6 @@ class LoRAKind(AdapterKind):
 
     def slot_store(self, model: nn.Module, max_slots: int) -> LoRASlots:
         return LoRASlots(model, max_slots)
-
-
-class LoRASlots(SlotStore):
-    """Served LoRA adapters: every linear layer becomes a RoutedLinear whose stacked buffers hold one adapter
-    per slot (zero-padded to the largest rank; zeros where an adapter skips the layer).
-
-    Every layer with buffers holds `capacity` slots, grown geometrically up to `max_slots`, so loading
-    n adapters copies O(n) slots.
-    """
-
-    def __init__(self, model: nn.Module, max_slots: int) -> None:
-        self.max_slots, self.capacity = max_slots, 0
-        self.routing = Routing()
-        self.layers = _wrap_linears(model, self.routing)
-
-    def write(self, slot: int, planned: LoRAPlan) -> None:
-        if slot >= self.capacity:
-            self.capacity = min(self.max_slots, max(slot + 1, 2 * self.capacity))
-        targeted = {layer.module: layer for layer in planned.layers}
-        for module, routed in self.layers.items():
-            if module in targeted:
-                layer = targeted[module]
-                routed.reserve(self.capacity, layer.lora_a.shape[0])
-                routed.write_slot(slot, layer.lora_a, layer.lora_b, layer.scaling)
-            elif routed.lora_a is not None:
-                routed.reserve(self.capacity, 0)
-                routed.clear_slot(slot)
-        self.routing.invalidate()
-
-    def clear(self, slot: int) -> None:
-        for routed in self.layers.values():
-            routed.clear_slot(slot)
-        self.routing.invalidate()
-
-    def route(self, routes: Sequence[Route]) -> None:
-        self.routing.set(list(routes))
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for layer in self.layers.values() for t in (layer.lora_a, layer.lora_bt) if t is not None]
-
-
-def _wrap_linears(model: nn.Module, routing: Routing) -> dict[str, RoutedLinear]:
-    """Replace every nn.Linear of `model` by a RoutedLinear sharing `routing`; return them by name."""
-    lora = [name for name, _ in lora_layers(model)]
-    if lora:
-        raise ValueError(
-            f"the adapter bank serves a plain base model, but {lora[0]!r} (and {len(lora) - 1} more) are LoRA "
-            "layers: call deltaw.unload(model) first, and load the adapters into the bank instead"
-        )
-    layers = {}
-    for name, module in linear_modules(model).items():
-        if isinstance(module, RoutedLinear):
-            raise ValueError(f"{name!r} is already routed: this model already has an AdapterBank")
-        layers[name] = RoutedLinear(module, routing)
-        model.set_submodule(name, layers[name])
-    return layers
 
 
 LORA = register_kind(LoRAKind())

@@ -195,13 +195,13 @@ class LoRALinear(nn.Module):
     def _dora(self, x: torch.Tensor, dropped: torch.Tensor, name: str) -> torch.Tensor:
         """g ⊙ (W·x + scaling·B·(A·x)) + b, g = m / ‖W + scaling·B·A‖_row detached; with dropout, PEFT's
         W·x + b + (g − 1) ⊙ W·x̃ + g ⊙ scaling·B·(A·x̃) (x̃ = dropped). x: [..., in] -> [..., out]."""
-        gain = dora_gain(self.lora_magnitude[name], self.dora_norms(name))
+        gain = dora_gain(self.lora_magnitude[name], self.dora_norms(name)).float()  # g ≈ 1: scale in fp32
         if dropped is x:
             y = self._add_lora(self._base(x, None), x, name)
-            y = y * gain.to(y.dtype)
+            y = (y * gain).to(y.dtype)
             return y if self.bias is None else y + self.bias
         base_dropped = self._base(dropped, None)
-        change = self._add_lora(base_dropped, dropped, name) * gain.to(base_dropped.dtype) - base_dropped
+        change = (self._add_lora(base_dropped, dropped, name) * gain - base_dropped).to(base_dropped.dtype)
         return self._base(x, self.bias) + change
 
     def _add_lora(self, y: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
