@@ -159,7 +159,7 @@ def _add_to_module(model: nn.Module, module_name: str, config: LoRAConfig, name:
     )
     magnitude = None
     if config.use_dora:
-        magnitude = initial_magnitude(layer.base_row_norms_sq()).to(dtype or lora_a.dtype)
+        magnitude = initial_magnitude(layer.frozen_weight()).to(dtype or lora_a.dtype)
     layer.add_adapter(name, lora_a, lora_b, config.scaling, config.dropout, magnitude=magnitude)
     return [layer.lora_A[name], layer.lora_B[name], *([layer.lora_magnitude[name]] if config.use_dora else [])]
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltaw.adapters.lora.dora import adapted_row_norms, base_row_norms_sq, dora_gain, dora_weight
+from deltaw.adapters.lora.dora import adapted_row_norms, dora_gain, dora_weight
 from deltaw.adapters.state import check_adapter_name
 from deltaw.quant.linear import NF4Linear, linear_nf4
 from deltaw.quant.nf4 import NF4Weight, quantize
@@ -162,19 +162,14 @@ class LoRALinear(nn.Module):
         """Whether adapter `name` is a DoRA adapter in this layer (it has a magnitude vector)."""
         return name in self.lora_magnitude
 
-    def base_row_norms_sq(self) -> torch.Tensor:
-        """‖w_i‖² of the unmerged base weight (dequantized if NF4), float32 [out]."""
-        base = self._original_nf4().dequantize(torch.float32) if self.quantized else self.base_weight()
-        return base_row_norms_sq(base)
+    def frozen_weight(self) -> torch.Tensor | NF4Weight:
+        """The unmerged base weight as stored: a float tensor [out, in], or the original NF4Weight."""
+        return self._original_nf4() if self.quantized else self.base_weight()
 
     def dora_norms(self, name: str) -> torch.Tensor:
         """‖W + scaling·B·A‖ per output row for adapter `name` [out] float32, no gradient (W dequantized if NF4).
-
-        Computed afresh on every call, as PEFT does: about (rank + 1)/(3·tokens) of a training step's work
-        on this layer; serving computes it once per adapter at load time instead."""
-        weight = self._original_nf4() if self.quantized else self.base_weight()
-        return adapted_row_norms(weight, self.base_row_norms_sq(), self.lora_A[name], self.lora_B[name],
-                                 self.scaling[name])
+        Computed afresh on every call, as PEFT does (see dora.py); serving computes it once per adapter."""
+        return adapted_row_norms(self.frozen_weight(), self.lora_A[name], self.lora_B[name], self.scaling[name])
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -193,16 +188,21 @@ class LoRALinear(nn.Module):
         return linear_nf4(x, self.weight, bias) if self.quantized else F.linear(x, self.weight, bias)
 
     def _dora(self, x: torch.Tensor, dropped: torch.Tensor, name: str) -> torch.Tensor:
-        """g ⊙ (W·x + scaling·B·(A·x)) + b, g = m / ‖W + scaling·B·A‖_row detached; with dropout, PEFT's
-        W·x + b + (g − 1) ⊙ W·x̃ + g ⊙ scaling·B·(A·x̃) (x̃ = dropped). x: [..., in] -> [..., out]."""
-        gain = dora_gain(self.lora_magnitude[name], self.dora_norms(name)).float()  # g ≈ 1: scale in fp32
+        """W·x + b + (g − 1) ⊙ W·x̃ + g ⊙ scaling·B·(A·x̃), g = m / ‖W + scaling·B·A‖_row detached, x̃ = the
+        dropped-out input (x itself without dropout: then g ⊙ (W·x + scaling·B·(A·x)) + b). The terms are PEFT's,
+        added in its order, in float32 (g is close to 1). x: [..., in] -> [..., out]."""
+        gain = dora_gain(self.lora_magnitude[name], self.dora_norms(name)).float()
+        result = self._base(x, self.bias)
         if dropped is x:
-            y = self._add_lora(self._base(x, None), x, name)
-            y = (y * gain).to(y.dtype)
-            return y if self.bias is None else y + self.bias
-        base_dropped = self._base(dropped, None)
-        change = (self._add_lora(base_dropped, dropped, name) * gain - base_dropped).to(base_dropped.dtype)
-        return self._base(x, self.bias) + change
+            base_result = result if self.bias is None else result - self.bias
+        else:
+            base_result = self._base(dropped, None)
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        if not torch.is_autocast_enabled(x.device.type):
+            dropped = dropped.to(lora_a.dtype)
+        lora_result = F.linear(F.linear(dropped, lora_a), lora_b)
+        change = (gain - 1) * base_result + gain * lora_result * self.scaling[name]
+        return (result + change).to(result.dtype)
 
     def _add_lora(self, y: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         """y + scaling·B·(A·x); y: [..., out], x: [..., in]. One fused multiply-add for B.
