@@ -54,8 +54,8 @@ def test_dora_trained_on_the_bundled_model_loads_in_peft_and_merges(data, tmp_pa
     merged = run("merge", "--adapter", str(out), "--out", str(tmp_path / "merged"))
     assert merged.returncode == 0, merged.stderr
     model, _ = deltaw.load_model(str(tmp_path / "merged"))
-    with torch.no_grad():
-        assert (model(bundled_tokens).logits - ours).abs().max() <= 1e-4
+    with torch.no_grad():  # a merged fp32 model differs from the unmerged one by rounding, over 30 layers
+        assert (model(bundled_tokens).logits - ours).abs().max() <= 1e-5 * ours.abs().max()
 
 
 def test_trainable_chat_tokens_on_the_tied_bundled_model_load_in_peft(data, tmp_path, bundled_pristine, bundled_tokens,
