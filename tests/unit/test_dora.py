@@ -136,3 +136,38 @@ def test_a_trained_dora_adapter_round_trips_through_its_files(tmp_path, tokens):
 def test_dora_on_an_embedding_is_refused():
     with pytest.raises(ValueError, match="DoRA is for linear layers; 'model.embed_tokens' is an embedding"):
         deltaw.add_lora(make_tiny_llama(), deltaw.LoRAConfig(use_dora=True, targets=[r".*embed_tokens", r".*q_proj"]))
+
+
+def plain_dora_output(result, lora_result, gain, bias, scaling):
+    """DoRAOutput's forward expression left to autograd (which keeps every intermediate)."""
+    base_result = result if bias is None else result - bias
+    return (result + ((gain - 1) * base_result + gain * lora_result * scaling)).to(result.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_memory_lean_backward_equals_autograd_with_a_bias(dtype, monkeypatch):
+    """DoRAOutput keeps only its output for g's gradient; with a bias, and with a bf16 base under autocast."""
+    layer = deltaw.LoRALinear(torch.nn.Linear(24, 40, bias=True).to(dtype))
+    generator = torch.Generator().manual_seed(6)
+    layer.add_adapter("d", torch.randn(3, 24, generator=generator) * 0.2, torch.randn(40, 3, generator=generator) * 0.2,
+                      2.0, magnitude=torch.rand(40, generator=generator) + 0.5)
+    params = [layer.lora_A["d"], layer.lora_B["d"], layer.lora_magnitude["d"]]
+    for param in params:
+        param.requires_grad_(True)
+    layer.active = "d"
+    x = torch.randn(2, 5, 24, generator=generator).to(dtype).requires_grad_(True)
+
+    def outputs_and_grads():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = layer(x)
+        return out, torch.autograd.grad(out.float().square().sum(), [x, *params])
+
+    ours, ours_grads = outputs_and_grads()
+    if dtype == torch.float32:
+        assert (ours - reference_dora(layer, "d", x)).abs().max() <= 1e-5
+    monkeypatch.setattr(deltaw.adapters.lora.layer.DoRAOutput, "apply", plain_dora_output)
+    plain, plain_grads = outputs_and_grads()
+    assert torch.equal(ours, plain)
+    for got, want in zip(ours_grads, plain_grads):  # bf16: the same up to bf16 rounding of the gradients' sums
+        scale = 1e-5 if dtype == torch.float32 else 2e-2
+        assert (got.float() - want.float()).abs().max() <= scale * want.float().abs().max()

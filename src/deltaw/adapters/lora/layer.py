@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltaw.adapters.lora.dora import adapted_row_norms, dora_gain, dora_weight
+from deltaw.adapters.lora.dora import DoRAOutput, adapted_row_norms, dora_gain, dora_weight
 from deltaw.adapters.state import check_adapter_name
 from deltaw.quant.linear import NF4Linear, linear_nf4
 from deltaw.quant.nf4 import NF4Weight, quantize
@@ -193,15 +193,12 @@ class LoRALinear(nn.Module):
         added in its order, in float32 (g is close to 1). x: [..., in] -> [..., out]."""
         gain = dora_gain(self.lora_magnitude[name], self.dora_norms(name)).float()
         result = self._base(x, self.bias)
-        if dropped is x:
-            base_result = result if self.bias is None else result - self.bias
-        else:
-            base_result = self._base(dropped, None)
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-        if not torch.is_autocast_enabled(x.device.type):
-            dropped = dropped.to(lora_a.dtype)
-        lora_result = F.linear(F.linear(dropped, lora_a), lora_b)
-        change = (gain - 1) * base_result + gain * lora_result * self.scaling[name]
+        lora_input = dropped if torch.is_autocast_enabled(x.device.type) else dropped.to(lora_a.dtype)
+        lora_result = F.linear(F.linear(lora_input, lora_a), lora_b)
+        if dropped is x:  # no dropout: the memory-lean form (see DoRAOutput)
+            return DoRAOutput.apply(result, lora_result, gain, self.bias, self.scaling[name])
+        change = (gain - 1) * self._base(dropped, None) + gain * lora_result * self.scaling[name]
         return (result + change).to(result.dtype)
 
     def _add_lora(self, y: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
