@@ -133,9 +133,11 @@ def test_a_trained_dora_adapter_round_trips_through_its_files(tmp_path, tokens):
     assert "DoRA" in deltaw.describe_adapter(path) and "magnitude vectors on 4 modules" in deltaw.describe_adapter(path)
 
 
-def test_dora_on_an_embedding_is_refused():
+def test_dora_on_an_embedding_is_refused_before_the_model_is_touched():
+    model = make_tiny_llama()
     with pytest.raises(ValueError, match="DoRA is for linear layers; 'model.embed_tokens' is an embedding"):
-        deltaw.add_lora(make_tiny_llama(), deltaw.LoRAConfig(use_dora=True, targets=[r".*embed_tokens", r".*q_proj"]))
+        deltaw.add_lora(model, deltaw.LoRAConfig(use_dora=True, targets=[r".*q_proj", r".*embed_tokens"]))
+    assert not list(deltaw.adapters.lora.adapter_layers(model)) and not deltaw.list_adapters(model)
 
 
 def plain_dora_output(result, lora_result, gain, bias, scaling):

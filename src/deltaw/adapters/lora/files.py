@@ -35,7 +35,7 @@ from deltaw.adapters.files import (
 )
 from deltaw.adapters.fingerprint import model_fingerprint
 from deltaw.adapters.lora.config import LoRAConfig, lora_scaling
-from deltaw.adapters.lora.inject import adapter_layers, wrap_embedding, wrap_linear
+from deltaw.adapters.lora.inject import wrap_embedding, wrap_linear
 from deltaw.adapters.lora.layout import AdapterFile, adapter_tensors, pair_key, parse_tensors
 from deltaw.adapters.lora.parts import (
     PlannedTokens,
@@ -132,7 +132,7 @@ def plan_load(
 ) -> LoRAPlan:
     """Check `adapter` against `model` and return the layers to attach; raise AdapterFormatError otherwise."""
     modules = adaptable_modules(model, embeddings=True)
-    planned = [_plan_layer(model, adapter, module, modules.get(module), dtype) for module in adapter.weights]
+    planned = [_plan_layer(adapter, module, modules.get(module), dtype) for module in adapter.weights]
     _check_target_set(model, adapter, modules)
     tokens = plan_tokens(model, adapter, dtype)
     check_base_copies(model, adapter)
@@ -141,8 +141,7 @@ def plan_load(
     return LoRAPlan(adapter, planned, tokens)
 
 
-def _plan_layer(model: nn.Module, adapter: AdapterFile, module: str, layer: nn.Module | None,
-                dtype: torch.dtype | None) -> PlannedLayer:
+def _plan_layer(adapter: AdapterFile, module: str, layer: nn.Module | None, dtype: torch.dtype | None) -> PlannedLayer:
     """One module's pair (and DoRA magnitude), checked against the model's layer of that name."""
     where, config = adapter.path / WEIGHTS_FILE, adapter.config
     lora_a, lora_b = adapter.weights[module]

@@ -121,10 +121,7 @@ def add_lora(model: nn.Module, config: LoRAConfig, name: str = "default", dtype:
         raise RuntimeError(f"adapter {merged!r} is merged; call unmerge_adapter(model) before adding an adapter")
     token_ids = config.with_token_ids(tokenizer).trainable_tokens
     selection = select_modules(model, config.targets, config.exclude, embeddings=True)
-    embedding_name = input_embedding(model)
-    if token_ids and embedding_name in selection.modules:
-        raise ValueError(f"trainable tokens and LoRA on the same embedding {embedding_name!r}: choose one (exclude "
-                         "it from targets, or drop the trainable tokens)")
+    _check_before_adding(model, config, selection, token_ids)
     for param in model.parameters():
         param.requires_grad_(False)
     params = [param for module_name in selection.modules
@@ -139,13 +136,31 @@ def add_lora(model: nn.Module, config: LoRAConfig, name: str = "default", dtype:
     return LoRAReport(name=name, config=config, selection=selection, trainable=trainable, total=total)
 
 
+def _check_before_adding(model: nn.Module, config: LoRAConfig, selection: Selection,
+                         token_ids: tuple[int, ...]) -> None:
+    """Raise ValueError for what cannot be added, before the model is touched."""
+    embeddings = [name for name in selection.modules if is_embedding(model.get_submodule(name))]
+    if config.use_dora and embeddings:
+        raise ValueError(f"DoRA is for linear layers; {embeddings[0]!r} is an embedding: remove it from the targets, "
+                         "or train it with plain LoRA or trainable tokens in a separate adapter")
+    if not token_ids:
+        return
+    embedding_name = input_embedding(model)
+    if embedding_name is None or not is_embedding(model.get_submodule(embedding_name)):
+        raise ValueError(f"trainable tokens need an input embedding (nn.Embedding); {type(model).__name__} has none")
+    if embedding_name in embeddings:
+        raise ValueError(f"trainable tokens and LoRA on the same embedding {embedding_name!r}: choose one (exclude "
+                         "it from targets, or drop the trainable tokens)")
+    rows = model.get_submodule(embedding_name).weight.shape[0]
+    bad = [token for token in token_ids if not 0 <= token < rows]
+    if bad:
+        raise ValueError(f"trainable token id {bad[0]} is outside the embedding's {rows} rows")
+
+
 def _add_to_module(model: nn.Module, module_name: str, config: LoRAConfig, name: str,
                    dtype: torch.dtype | None) -> list[nn.Parameter]:
     """Give module `module_name` a fresh adapter `name` of `config`; returns its parameters."""
     if is_embedding(model.get_submodule(module_name)):
-        if config.use_dora:
-            raise ValueError(f"DoRA is for linear layers; {module_name!r} is an embedding: remove it from the "
-                             "targets, or train it with plain LoRA or trainable tokens in a separate adapter")
         embedding = wrap_embedding(model, module_name)
         like = {"dtype": dtype or embedding.weight.dtype, "device": embedding.weight.device}
         lora_a = torch.zeros(config.rank, embedding.num_embeddings, **like)
@@ -167,13 +182,7 @@ def _add_to_module(model: nn.Module, module_name: str, config: LoRAConfig, name:
 def add_token_rows(model: nn.Module, name: str, token_ids: list[int], dtype: torch.dtype | None) -> list[nn.Parameter]:
     """Make rows `token_ids` of the input embedding (and of a tied head) adapter `name`'s trainable rows,
     starting from their current values. Returns the new parameter."""
-    embedding_name = input_embedding(model)
-    if embedding_name is None or not is_embedding(model.get_submodule(embedding_name)):
-        raise ValueError(f"trainable tokens need an input embedding (nn.Embedding); {type(model).__name__} has none")
-    embedding = wrap_embedding(model, embedding_name)
-    bad = [token for token in token_ids if not 0 <= token < embedding.num_embeddings]
-    if bad:
-        raise ValueError(f"trainable token id {bad[0]} is outside the embedding's {embedding.num_embeddings} rows")
+    embedding = wrap_embedding(model, input_embedding(model))
     rows = embedding.base_weight().detach()[torch.tensor(token_ids, device=embedding.weight.device)]
     embedding.add_tokens(name, token_ids, rows.to(dtype or rows.dtype).clone())
     wrap_tied_head(model, embedding)

@@ -221,11 +221,11 @@ class LoRALinear(nn.Module):
     def delta_weight(self, name: str) -> torch.Tensor:
         """The change adapter `name` makes to the weight, float32 [out, in]: scaling·B·A, or for DoRA the
         merged weight minus the base weight."""
-        lora_a = self.lora_A[name].detach().float()
-        lora_b = self.lora_B[name].detach().float()
         if name in self.lora_magnitude:
             base = self.base_weight().float()
             return self.merged_weight(name, base).sub_(base)
+        lora_a = self.lora_A[name].detach().float()
+        lora_b = self.lora_B[name].detach().float()
         return (lora_b @ lora_a).mul_(self.scaling[name])
 
     def merged_weight(self, name: str, base: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ from deltaw.quant.nf4 import NF4Weight
 # --------------------------------------------------------------------------------------------- reading
 def check_parts(adapter: AdapterFile) -> None:
     """DoRA magnitudes and token rows agree with the config (no model needed); AdapterFormatError otherwise."""
-    config_file, weights_file = adapter.path / CONFIG_FILE, adapter.path / WEIGHTS_FILE
+    weights_file = adapter.path / WEIGHTS_FILE
     use_dora = bool(adapter.config.get("use_dora", False))
     for module in adapter.weights:
         if use_dora and module not in adapter.magnitudes:

@@ -30,22 +30,24 @@ batched computation, never a loop over adapters:
       ─bmm─ Bt_block [groups, r_max, out] ─► scatter-add into y rows
 
 so row i gets y_i = W x_i + b + Σ_j w_ij · scaling_j · B_j (A_j x_i): its adapter, the exact weighted
-sum of a mix's adapters (a mixed row sits in several groups), or nothing.
+sum of a mix's adapters (a mixed row sits in several groups), or nothing. Padding ranks, padding rows
+and zero weights add exact zeros. Each adapter's weights are read once per step and each row does
+the multiply-adds of its own adapters only. The layer keeps `weight` and `bias` under nn.Linear's
+names (it *is* an nn.Linear), so what finds a model's linear layers (adapter validation,
+fingerprints) sees the same model.
 
 DoRA (`dora.py`) computes g ⊙ (W x + s·B A x) + b with a gain g = m / ‖W + s·B·A‖_row [out] that is fixed
-once the adapter is loaded (W is frozen): its slot holds B' = g ⊙ B and the gain's excess g − 1 in
+once the adapter is loaded (W is frozen): its slot holds B' = g ⊙ B, and the gain's excess g − 1 sits in
 
     gain_shift  [slots, out]        g − 1 for a DoRA adapter, 0 otherwise (allocated with the first DoRA slot)
 
 so row i computes G_i ⊙ (W x_i) + b + (the deltas above, with B'), G_i = 1 + Σ_j w_ij (g_j − 1). With one
 adapter of weight 1 that is DoRA's output; a weighted mix is the weighted sum of the members' weight
-changes Σ_j w_ij (W'_j − W), as for LoRA, so mixing DoRA and LoRA adapters is defined and exact. Rows
-without a DoRA adapter have G = 1, and a batch without one skips the gain entirely. Padding ranks, padding rows
-and zero weights add exact zeros. Each adapter's weights are read once per step and each row does
-the multiply-adds of its own adapters only. The layer keeps `weight` and `bias` under nn.Linear's
-names (it *is* an nn.Linear), so what finds a model's linear layers (adapter validation,
-fingerprints) sees the same model. `reference_delta` computes the same thing with a Python loop per
-row and per adapter and the plain LoRA math; tests hold the batched paths to it.
+changes Σ_j w_ij (W'_j − W), as for LoRA, so DoRA adapters mix (with each other and with LoRA) exactly.
+Rows without a DoRA adapter have G = 1, and a batch without one skips the gain entirely.
+
+`reference_delta` computes the same thing with a Python loop per row and per adapter and the plain LoRA
+math (and the gain's excess); tests hold the batched paths to it.
 """
 
 from __future__ import annotations
