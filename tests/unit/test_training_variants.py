@@ -51,3 +51,24 @@ def test_a_dora_run_with_token_rows_resumes_to_the_uninterrupted_losses(tiny_mod
     straight = load_file(str(tmp_path / "straight" / "adapter_model.safetensors"))
     resumed = load_file(str(tmp_path / "resumed" / "adapter_model.safetensors"))
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_qlora_with_dora_trains_on_the_dequantized_norm_and_merges_exactly(tiny_model_dir, data, tmp_path):
+    from deltaw.tools.merge import MergeOptions, merge_to_dir
+
+    out = tmp_path / "out"
+    train(config(tiny_model_dir, data, out, steps=6, lr=2e-2, method="qlora", lora={"use_dora": True}))
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved["use_dora"] is True and saved["deltaw"]["base_quantization"]["format"] == "nf4"
+    assert losses(out)[-1] < losses(out)[0]
+    merge_to_dir(MergeOptions(adapter=str(out), out=str(tmp_path / "merged"), model=str(tiny_model_dir)))
+    model, _ = deltaw.load_model(tiny_model_dir)
+    from deltaw.models.quantized import prepare_base
+
+    prepare_base(model, saved["deltaw"]["base_quantization"])
+    deltaw.load_adapter(model, out, "q")
+    deltaw.set_adapter(model, "q")
+    merged, _ = deltaw.load_model(str(tmp_path / "merged"))
+    tokens = torch.arange(3, 15).reshape(1, 12)
+    with torch.no_grad():  # the merged fp32 model computes the QLoRA + DoRA model it was trained as
+        assert (merged(tokens).logits - model(tokens).logits).abs().max() <= 1e-4

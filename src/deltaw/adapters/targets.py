@@ -4,10 +4,10 @@ r"""Which modules an adapter adapts: one syntax, loud errors.
 each *full-matched* against dotted module names such as `model.layers.3.self_attn.q_proj`. A single
 string means the same as a list holding it (PEFT treats the two differently: peft#2964). A pattern
 selects the adaptable layers among the modules it matches (linear layers, and for LoRA embeddings
-too), so `model\.layers\.0\..*` adapts that block's linear layers. A linear layer whose weight is tied
-to another module's (a tied output head) is refused: merging would change both. `exclude` uses the same syntax. A pattern that matches no module, or no linear
-layer, is an error that names it and lists the closest module names (PEFT lets such a pattern match
-nothing: peft#3658).
+too), so `model\.layers\.0\..*` adapts that block's linear layers. `exclude` uses the same syntax. A
+pattern that matches no module, or no adaptable layer, is an error that names it and lists the closest
+module names (PEFT lets such a pattern match nothing: peft#3658). A linear layer whose weight is tied
+to another module's (a tied output head) is refused: merging would change both.
 """
 
 from __future__ import annotations
