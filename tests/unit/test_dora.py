@@ -169,7 +169,10 @@ def test_the_memory_lean_backward_equals_autograd_with_a_bias(dtype, monkeypatch
         assert (ours - reference_dora(layer, "d", x)).abs().max() <= 1e-5
     monkeypatch.setattr(deltaw.adapters.lora.layer.DoRAOutput, "apply", plain_dora_output)
     plain, plain_grads = outputs_and_grads()
-    assert torch.equal(ours, plain)
-    for got, want in zip(ours_grads, plain_grads):  # bf16: the same up to bf16 rounding of the gradients' sums
+    if dtype == torch.float32:
+        assert torch.equal(ours, plain)  # PEFT's terms in PEFT's order
+    else:  # the short form: the same up to bf16 rounding
+        assert (ours.float() - plain.float()).abs().max() <= 1e-2 * plain.float().abs().max()
+    for got, want in zip(ours_grads, plain_grads):
         scale = 1e-5 if dtype == torch.float32 else 2e-2
         assert (got.float() - want.float()).abs().max() <= scale * want.float().abs().max()

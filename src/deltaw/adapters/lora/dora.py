@@ -15,11 +15,13 @@ Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation" (2024). The convention
   y = W·x + b + (g − 1) ⊙ W·x̃ + g ⊙ s·B·(A·x̃);
 - on a QLoRA base the norm is that of the dequantized weight.
 
-The norm is computed in float32 from W + s·(B·A) formed per layer, in the order PEFT forms it, and the
-forward adds the same terms in the same order, so a float32 model computes PEFT's logits bit for bit
-(norms from an algebraic shortcut that never forms the sum differ by an ulp, and 30 layers turn that into
-1e-4 in the logits). Forming the sum costs about rank/(3·tokens) of the layer's training work; PEFT forms
-B·A through an identity matrix, which costs in/rank times more.
+The norm is computed in float32 from W + s·(B·A) formed per layer. For a float32 weight the sum is formed
+in the order PEFT forms it, and the forward adds the same terms in the same order, so a float32 model
+computes PEFT's logits bit for bit (norms from an algebraic shortcut that never forms the sum differ by an
+ulp, and 30 layers turn that into 1e-4 in the logits). For a bf16 or NF4 weight (where PEFT's own sums are
+in bf16) the sum is one fused multiply-add into the float32 copy of W. Forming it costs about
+rank/(3·tokens) of the layer's training work; PEFT forms B·A through an identity matrix, which costs
+in/rank times more.
 """
 
 from __future__ import annotations
@@ -38,18 +40,23 @@ def adapted_row_norms(weight: torch.Tensor | NF4Weight, lora_a: torch.Tensor, lo
         weight: [out, in] the frozen base weight, float or NF4 (dequantized to float32).
         lora_a: [r, in].  lora_b: [out, r].  scaling: s.
     """
+    lora_a, lora_b = lora_a.detach().float(), lora_b.detach().float()
+    if isinstance(weight, torch.Tensor) and weight.dtype == torch.float32:  # PEFT's sum, in PEFT's order
+        return torch.linalg.norm(weight.detach() + scaling * (lora_b @ lora_a), dim=1)
     base = weight.dequantize(torch.float32) if isinstance(weight, NF4Weight) else weight.detach().float()
-    return torch.linalg.norm(base + scaling * (lora_b.detach().float() @ lora_a.detach().float()), dim=1)
+    return torch.linalg.norm(torch.addmm(base, lora_b, lora_a, alpha=scaling, out=base), dim=1)
 
 
 class DoRAOutput(torch.autograd.Function):
-    """out = result + ((g − 1) ⊙ (result − b) + g ⊙ s·lora), PEFT's terms in its order, keeping only `out` and g
+    """out = result + ((g − 1) ⊙ (result − b) + g ⊙ s·lora) = b + g ⊙ (W·x + s·lora), keeping only `out` and g
     for the backward pass.
 
     Autograd on the expression would keep the base output and the LoRA output of every DoRA layer (two
-    [tokens, out] float32 tensors each: 1.3 GB for the bundled model at 4×256 tokens) for g's gradient.
-    Since out = b + g ⊙ (W·x + s·B·A·x), that product is (out − b) / g, so the backward recomputes it from
-    the output, which the next layer keeps anyway.
+    [tokens, out] float32 tensors each: 1.3 GB for the bundled model at 4×256 tokens) for g's gradient;
+    here that gradient is Σ_tokens grad ⊙ (out − b) / g, from the output the next layer keeps anyway.
+    In float32 the forward adds PEFT's terms in PEFT's order (its logits, bit for bit); in bf16, where
+    PEFT's own sums round differently, it takes the short form b + g ⊙ (W·x + s·lora), three passes
+    instead of seven (the gain multiplies in float32 and rounds once).
 
     Args (forward):
         result: [..., out] W·x + b.   lora_result: [..., out] B·(A·x).   gain: [out] float32.
@@ -60,24 +67,30 @@ class DoRAOutput(torch.autograd.Function):
     def forward(ctx, result: torch.Tensor, lora_result: torch.Tensor, gain: torch.Tensor,
                 bias: torch.Tensor | None, scaling: float) -> torch.Tensor:
         base_result = result if bias is None else result - bias
-        out = (result + ((gain - 1) * base_result + gain * lora_result * scaling)).to(result.dtype)
+        if result.dtype == lora_result.dtype == torch.float32:
+            out = result + ((gain - 1) * base_result + gain * lora_result * scaling)
+        else:
+            out = torch.add(base_result, lora_result.to(result.dtype), alpha=scaling).mul_(gain)
+            out = out if bias is None else out.add_(bias)
         ctx.save_for_backward(out, gain, bias)
-        ctx.scaling, ctx.dtypes = scaling, (result.dtype, lora_result.dtype)
+        ctx.scaling, ctx.lora_dtype = scaling, lora_result.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         out, gain, bias = ctx.saved_tensors
-        grad = grad_out.float()
-        grad_result = (grad * gain).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-        grad_lora = (grad * (gain * ctx.scaling)).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        grad_result = (grad_out * gain).to(grad_out.dtype)  # d out / d result = g (through both terms)
+        grad_lora = (grad_result * ctx.scaling).to(ctx.lora_dtype) if ctx.needs_input_grad[1] else None
         grad_gain = grad_bias = None
-        if ctx.needs_input_grad[2]:
-            product = out.float() if bias is None else out.float() - bias.float()
-            grad_gain = (grad * product.div_(gain)).reshape(-1, gain.shape[0]).sum(dim=0).to(gain.dtype)
-        if ctx.needs_input_grad[3]:
-            grad_bias = (grad * (1 - gain)).reshape(-1, gain.shape[0]).sum(dim=0).to(bias.dtype)
-        return grad_result, grad_lora, grad_gain, grad_bias, None
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            rows = grad_out.reshape(-1, gain.shape[0])
+            grad_sum = torch.sum(rows, dim=0, dtype=torch.float32)
+            if ctx.needs_input_grad[2]:
+                product = torch.sum(rows * out.reshape(-1, gain.shape[0]), dim=0, dtype=torch.float32)
+                grad_gain = ((product if bias is None else product - bias.float() * grad_sum) / gain).to(gain.dtype)
+            if ctx.needs_input_grad[3]:
+                grad_bias = (grad_sum * (1 - gain)).to(bias.dtype)
+        return grad_result if ctx.needs_input_grad[0] else None, grad_lora, grad_gain, grad_bias, None
 
 
 def dora_gain(magnitude: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
