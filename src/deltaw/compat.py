@@ -12,6 +12,7 @@ breaks one function here and one clearly named test:
     KV caches             new_cache, find_cache (by type, whatever it is called), cache_argument (the forward
                           keyword), cache_layers (per-layer keys/values the serving engine joins and trims)
     loading               load_gguf (GGUF files dequantized to float), empty_model (no weight init)
+    tied embeddings       mark_untied: the config of a model whose head no longer shares the embedding
 """
 
 from __future__ import annotations
@@ -113,3 +114,17 @@ def empty_model(config: Any, dtype: torch.dtype) -> nn.Module:
 
     with no_init_weights():
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------- tied embeddings
+def mark_untied(model: nn.Module) -> bool:
+    """If the input embedding and the output head hold different tensors while the config says they are tied,
+    say untied in the config (so a saved model keeps both); returns whether it changed anything."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embedding is None or head is None or embedding.weight is head.weight:
+        return False
+    configs = {id(config): config for config in (model.config, model.config.get_text_config())}.values()
+    tied = [config for config in configs if getattr(config, "tie_word_embeddings", False)]
+    for config in tied:
+        config.tie_word_embeddings = False
+    return bool(tied)

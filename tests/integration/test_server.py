@@ -1,7 +1,7 @@
 """`deltaw serve` end to end: a real uvicorn server on the bundled model, driven by the real `openai` client.
 
-Four random adapters (different ranks and target sets) are served, a fifth waits on disk for the admin
-routes. Every adapter's greedy answer differs from the base model's, so a request silently served by
+Five random adapters (different ranks and target sets, one of them DoRA) are served, a sixth waits on disk
+for the admin routes. Every adapter's greedy answer differs from the base model's, so a request silently served by
 the wrong adapter, or by the base, fails these tests.
 """
 
@@ -31,9 +31,10 @@ ADAPTERS = {
     "robot": deltaw.LoRAConfig(rank=16, alpha=64, targets=[r".*\.(q|k|v|o)_proj"]),
     "poet": deltaw.LoRAConfig(rank=4, alpha=32, targets=[r".*mlp\..*"]),
     "chef": deltaw.LoRAConfig(rank=12, alpha=8, use_rslora=True),
+    "sage": deltaw.LoRAConfig(rank=8, alpha=16, use_dora=True),
     "sailor": deltaw.LoRAConfig(rank=8, alpha=16),  # on disk only: loaded through POST /v1/adapters
 }
-SERVED = ["pirate", "robot", "poet", "chef"]
+SERVED = ["pirate", "robot", "poet", "chef", "sage"]
 QUESTIONS = ["Say hello.", "Name a fruit."]  # every served model answers each differently (checked below)
 TOKENS = 8
 
@@ -192,8 +193,9 @@ def test_a_disconnected_stream_is_cancelled(server, monkeypatch):
 
 
 def test_32_concurrent_clients_get_what_each_gets_alone(server, alone):
-    """32 clients at once over 4 adapters and the base, half streaming: each answer equals the one it got alone."""
-    jobs = list(alone)  # 10 distinct (model, question) requests, each sent by 3 or 4 clients
+    """32 clients at once over 5 adapters (one DoRA) and the base, half streaming: each answer equals the one it
+    got alone."""
+    jobs = list(alone)  # 12 distinct (model, question) requests, each sent by 2 or 3 clients
     answers, errors = [None] * 32, []
 
     def client(index: int) -> None:

@@ -98,7 +98,12 @@ BAD_TENSORS = {
     "missing module": (lambda t: [t.pop(f"{Q0}.lora_A.weight"), t.pop(f"{Q0}.lora_B.weight")], "missing key"),
     "extra key": (lambda t: t.update({"base_model.model.lm_head.lora_A.weight": torch.zeros(4, 64),
                                       "base_model.model.lm_head.lora_B.weight": torch.zeros(128, 4)}), "extra key"),
-    "unexpected key": (lambda t: t.update({f"{Q0}.lora_magnitude_vector": torch.zeros(64)}), "unexpected key"),
+    "unexpected key": (lambda t: t.update({f"{Q0}.lora_B.bias": torch.zeros(64)}), "unexpected key"),
+    "magnitude without use_dora": (lambda t: t.update({f"{Q0}.lora_magnitude_vector": torch.zeros(64)}),
+                                   "is a DoRA magnitude but adapter_config.json says use_dora=false"),
+    "token rows without indices": (lambda t: t.update({
+        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta": torch.zeros(2, 64)}),
+        "holds token rows but adapter_config.json has no trainable_token_indices"),
     "wrong prefix": (_rename_prefix, "wrong prefix"),
     "shape mismatch": (lambda t: t.update({f"{Q0}.lora_A.weight": torch.zeros(4, 65)}), "shape mismatch"),
     "rank inconsistent": (_rank_mismatch, "rank 3 but adapter_config.json says r=4"),
@@ -129,7 +134,11 @@ def test_bad_tensors_are_refused_and_the_model_is_untouched(saved, case):
 
 
 BAD_CONFIGS = {
-    "dora": (lambda c: c.update(use_dora=True), "'use_dora' = True is not supported"),
+    "dora without magnitudes": (lambda c: c.update(use_dora=True), "missing key .*_proj.lora_magnitude_vector.*"
+                                                                   "use_dora=true"),
+    "modules_to_save": (lambda c: c.update(modules_to_save=["lm_head"]),
+                        "'modules_to_save' = \\['lm_head'\\]: whole-module copies are not supported.*trainable tokens"),
+    "token ids without rows": (lambda c: c.update(trainable_token_indices=[1, 2]), "needs exactly one"),
     "bias": (lambda c: c.update(bias="all"), "'bias' = 'all' is not supported"),
     "peft type": (lambda c: c.update(peft_type="IA3"), r"expected one of \['LORA', 'PREFIX_TUNING'\], found 'IA3'"),
     "rank": (lambda c: c.update(r=0), "'r': expected a positive number"),

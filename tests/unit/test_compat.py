@@ -116,3 +116,10 @@ def test_a_gguf_file_loads_as_plain_float_linear_layers():
     assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
     assert getattr(model.config, "quantization_config", None) is None and model.hf_quantizer is None
     assert tokenizer("Hello")["input_ids"]
+
+
+def test_mark_untied_says_so_only_when_embedding_and_head_differ():
+    model = make_tiny_llama(tie=True)
+    assert compat.mark_untied(model) is False and model.config.tie_word_embeddings is True
+    model.model.embed_tokens.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach() + 1)
+    assert compat.mark_untied(model) is True and model.config.tie_word_embeddings is False

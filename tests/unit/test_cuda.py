@@ -141,3 +141,37 @@ def test_prefix_tuning_on_cuda_equals_cpu_and_keeps_the_cache_free_of_prefixes()
         cached = gpu.generate(input_ids=tokens.to(CUDA), use_cache=True, **settings)
         uncached = gpu.generate(input_ids=tokens.to(CUDA), use_cache=False, **settings)
     assert torch.equal(cached, uncached)
+
+
+def test_dora_and_token_rows_train_merge_and_serve_on_cuda_as_on_cpu(tmp_path):
+    """DoRA and trainable tokens on a tied model: CUDA logits equal CPU's, merge is exact, and the bank's batched
+    rows equal the per-row reference on the GPU."""
+    from deltaw.serve import AdapterBank
+    from tests.unit.test_bank import routed_logits
+
+    config = deltaw.LoRAConfig(rank=4, alpha=8, use_dora=True, trainable_tokens=[3, 5])
+    cpu = make_tiny_llama(tie=True)
+    deltaw.add_lora(cpu, config)
+    generator = torch.Generator().manual_seed(1)
+    for name, param in cpu.named_parameters():
+        if param.requires_grad:
+            param.data += torch.randn(param.shape, generator=generator) * 0.1
+    path = deltaw.save_adapter(cpu, tmp_path / "a", "default")
+    model = make_tiny_llama(tie=True).to(CUDA)
+    deltaw.load_adapter(model, path, "a")
+    deltaw.set_adapter(model, "a")
+    tokens = torch.tensor([[3, 9, 5, 100, 3, 7]])
+    on_gpu = model(tokens.to(CUDA)).logits
+    assert (on_gpu.cpu() - cpu(tokens).logits).abs().max() <= 1e-4
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    deltaw.merge_adapter(model, "a")
+    assert (model(tokens.to(CUDA)).logits - on_gpu).abs().max() <= 1e-4
+    deltaw.unmerge_adapter(model)
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    bank = AdapterBank(make_tiny_llama(tie=True).to(CUDA), max_resident=4)
+    bank.load("a", path)
+    batch = tokens.repeat(3, 1).to(CUDA)
+    choices = ["a", None, {"a": 0.5}]
+    fast = routed_logits(bank, batch, choices)
+    assert (fast - routed_logits(bank, batch, choices, reference=True)).abs().max() <= 1e-4
+    assert (fast[0] - on_gpu[0]).abs().max() <= 1e-4

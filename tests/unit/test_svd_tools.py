@@ -161,3 +161,44 @@ def test_randomized_svd_reports_its_achieved_error_exactly(monkeypatch):
     assert approximate.rel_error == pytest.approx(achieved, rel=1e-3, abs=1e-6)  # fp32 factors round a little
     best = float((exact[12:] ** 2).sum().sqrt() / exact.norm())
     assert achieved <= best * 1.05  # near the optimal rank-12 error
+
+
+def saved_embedding_adapter(tmp_path, name, seed, **config) -> Path:
+    """An adapter with LoRA on the embedding, both of its factors non-zero (a fresh one has A = 0)."""
+    model = make_tiny_llama()
+    torch.manual_seed(seed)
+    deltaw.add_lora(model, deltaw.LoRAConfig(**config))
+    randomize_lora_b(model, "default", seed=seed)
+    model.model.embed_tokens.lora_embedding_A["default"].data.normal_(0.0, 0.3)
+    return deltaw.save_adapter(model, tmp_path / name, "default")
+
+
+def test_resize_and_combine_treat_embedding_lora_as_a_product_and_keep_token_rows(tmp_path, tokens):
+    embedding = saved_embedding_adapter(tmp_path, "embedding", seed=3, rank=4, alpha=8,
+                                        targets=[r".*embed_tokens", r".*q_proj"])
+    model = make_tiny_llama()
+    deltaw.add_lora(model, deltaw.LoRAConfig(rank=4, alpha=8, targets=[r".*q_proj"], trainable_tokens=[7, 9]))
+    randomize_lora_b(model, "default", seed=4)
+    model.model.embed_tokens.token_values["default"].data += 1.0
+    with_tokens = deltaw.save_adapter(model, tmp_path / "tokens", "default")
+    for source in (embedding, with_tokens):
+        report = resize_adapter(source, tmp_path / f"{source.name}-resized", rank=4)
+        assert report.rel_error <= 1e-5  # rank 4 keeps a rank-4 product exactly
+        first, second = make_tiny_llama(), make_tiny_llama()
+        for loaded, path in ((first, source), (second, tmp_path / f"{source.name}-resized")):
+            deltaw.load_adapter(loaded, path, "x")
+            deltaw.set_adapter(loaded, "x")
+        assert (first(tokens).logits - second(tokens).logits).abs().max() <= 1e-4
+    other = saved_embedding_adapter(tmp_path, "other", seed=5, rank=2, targets=[r".*embed_tokens"])
+    combine_adapters([embedding, other], [1.0, 0.5], tmp_path / "combined", method="cat")
+    assert read_adapter(tmp_path / "combined").embeddings == {"model.embed_tokens"}
+    with pytest.raises(deltaw.AdapterFormatError, match="trainable token rows.*combine cannot combine them"):
+        combine_adapters([embedding, with_tokens], [1.0, 1.0], tmp_path / "no", method="cat")
+
+
+def test_svd_tools_refuse_dora_with_the_way_round(tmp_path):
+    dora = saved_adapter(tmp_path, "dora", seed=3, rank=4, use_dora=True)
+    with pytest.raises(deltaw.AdapterFormatError, match="DoRA adapter.*not the product B·A.*deltaw merge.*deltaw extract"):
+        resize_adapter(dora, tmp_path / "resized", rank=2)
+    with pytest.raises(deltaw.AdapterFormatError, match="DoRA adapter"):
+        combine_adapters([dora, dora], [1.0, 1.0], tmp_path / "combined", method="cat")

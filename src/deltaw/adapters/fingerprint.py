@@ -3,9 +3,10 @@
 Three parts, each compared on load:
 - architecture: the model class and the config numbers that fix tensor shapes;
 - shapes: a hash of every linear layer's name and shape;
-- weights: a hash of 4,096 evenly spaced input-embedding values rounded to bf16. The embedding is never
-  adapted, merged or quantized by deltaw, so the hash is the same for fp32, bf16 and 4-bit loads of one
-  checkpoint, and differs between checkpoints of one architecture.
+- weights: a hash of 4,096 evenly spaced input-embedding values rounded to bf16, from the unmerged
+  embedding (an adapter layer's `base_weight()`: LoRA on the embedding and trainable token rows merge
+  into it). The embedding is never quantized, so the hash is the same for fp32, bf16 and 4-bit loads of
+  one checkpoint, merged or not, and differs between checkpoints of one architecture.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ def _weights_hash(model: nn.Module) -> str:
     embeddings = get_embeddings() if callable(get_embeddings) else None
     if embeddings is None or not hasattr(embeddings, "weight"):
         return "none"
-    flat = embeddings.weight.detach().reshape(-1)
+    base_weight = getattr(embeddings, "base_weight", None)  # an adapter layer: its weight may hold a merge
+    weight = base_weight() if callable(base_weight) else embeddings.weight
+    flat = weight.detach().reshape(-1)
     count = min(_SAMPLE, flat.numel())
     index = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
     sample = flat[index].to(torch.bfloat16).view(torch.int16).cpu()

@@ -58,10 +58,11 @@ class AdapterKind(ABC):
     # ----------------------------------------------------------------------------- a model's adapters
     @abstractmethod
     def add(self, model: nn.Module, config: Any, name: str, dtype: torch.dtype | None = None,
-            sample_ids: torch.Tensor | None = None) -> object:
+            sample_ids: torch.Tensor | None = None, tokenizer: object | None = None) -> object:
         """Add a fresh, trainable adapter `name` built from `config`, make it active; return a printable report.
 
-        `sample_ids` [T] are the first tokens of the training data, for kinds whose init uses data.
+        `sample_ids` [T] are the first tokens of the training data, for kinds whose init uses data;
+        `tokenizer` is the model's, for kinds whose config names tokens (LoRA's trainable tokens).
         """
 
     @abstractmethod

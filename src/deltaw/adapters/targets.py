@@ -3,10 +3,11 @@ r"""Which modules an adapter adapts: one syntax, loud errors.
 `targets` is either "all-linear" (every linear layer but the output head) or regular expressions,
 each *full-matched* against dotted module names such as `model.layers.3.self_attn.q_proj`. A single
 string means the same as a list holding it (PEFT treats the two differently: peft#2964). A pattern
-selects the linear layers among the modules it matches, so `model\.layers\.0\..*` adapts that
-block's linear layers. `exclude` uses the same syntax. A pattern that matches no module, or no linear
-layer, is an error that names it and lists the closest module names (PEFT lets such a pattern match
-nothing: peft#3658).
+selects the adaptable layers among the modules it matches (linear layers, and for LoRA embeddings
+too), so `model\.layers\.0\..*` adapts that block's linear layers. `exclude` uses the same syntax. A
+pattern that matches no module, or no adaptable layer, is an error that names it and lists the closest
+module names (PEFT lets such a pattern match nothing: peft#3658). A linear layer whose weight is tied
+to another module's (a tied output head) is refused: merging would change both.
 """
 
 from __future__ import annotations
@@ -56,17 +57,37 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, NF4Linear)) or getattr(module, "wraps_linear", False)
 
 
+def is_embedding(module: nn.Module) -> bool:
+    """An nn.Embedding, or an adapter layer standing in for one (it sets `wraps_embedding`)."""
+    return isinstance(module, nn.Embedding) or getattr(module, "wraps_embedding", False)
+
+
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Every linear layer of `model` (see is_linear) by dotted name, in model order."""
     return {name: module for name, module in model.named_modules() if is_linear(module)}
 
 
-def tied_weight_modules(model: nn.Module) -> set[str]:
-    """Names of linear modules whose weight tensor is shared with another parameter (e.g. a tied lm_head)."""
+def adaptable_modules(model: nn.Module, embeddings: bool = False) -> dict[str, nn.Module]:
+    """Every linear layer, and with `embeddings` every embedding, of `model` by dotted name, in model order."""
+    return {name: module for name, module in model.named_modules()
+            if is_linear(module) or (embeddings and is_embedding(module))}
+
+
+def input_embedding(model: nn.Module) -> str | None:
+    """The dotted name of the model's input embedding (embed_tokens), if it has one."""
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) else None
+    return next((name for name, module in model.named_modules() if module is embeddings), None)
+
+
+def tied_weight_modules(model: nn.Module) -> dict[str, list[str]]:
+    """Module name -> the other modules sharing its weight tensor, for every module that shares one (e.g. a
+    tied lm_head and embed_tokens)."""
     owners: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), []).append(name.rsplit(".", 1)[0])
-    return {module for names in owners.values() if len(names) > 1 for module in names}
+    return {module: [other for other in names if other != module]
+            for names in owners.values() if len(names) > 1 for module in names}
 
 
 def output_head(model: nn.Module) -> str | None:
@@ -79,16 +100,17 @@ def output_head(model: nn.Module) -> str | None:
 
 
 def select_modules(
-    model: nn.Module, targets: str | Sequence[str], exclude: str | Sequence[str] = ()
+    model: nn.Module, targets: str | Sequence[str], exclude: str | Sequence[str] = (), embeddings: bool = False
 ) -> Selection:
-    """Resolve `targets` minus `exclude` to linear module names, or raise TargetError."""
-    linears = linear_modules(model)
+    """Resolve `targets` minus `exclude` to linear module names (and embedding names with `embeddings`),
+    or raise TargetError."""
+    linears = adaptable_modules(model, embeddings)
     all_names = [name for name, _ in model.named_modules() if name]
     patterns = normalize_patterns(targets)
     per_pattern: dict[str, list[str]] = {}
     if patterns == [ALL_LINEAR]:
         head = output_head(model)
-        per_pattern[ALL_LINEAR] = [name for name in linears if name != head]
+        per_pattern[ALL_LINEAR] = [name for name in linears if name != head and is_linear(linears[name])]
         if not per_pattern[ALL_LINEAR]:
             raise TargetError("targets='all-linear' found no nn.Linear layers besides the output head")
     else:
@@ -97,21 +119,25 @@ def select_modules(
             linear_matches = [name for name in matched if name in linears]
             if not linear_matches:
                 kind = type(model.get_submodule(matched[0])).__name__
+                what = "linear or embedding layer" if embeddings else "linear layer"
                 raise TargetError(
-                    f"target pattern {pattern!r} matches {matched[0]!r}, a {kind}, and no linear layer; "
-                    "LoRA adapts nn.Linear modules only: match the layers inside it, e.g. "
-                    f"{matched[0] + '.*'!r}"
+                    f"target pattern {pattern!r} matches {matched[0]!r}, a {kind}, and no {what}; "
+                    f"LoRA adapts {'nn.Linear and nn.Embedding' if embeddings else 'nn.Linear'} modules only: "
+                    f"match the layers inside it, e.g. {matched[0] + '.*'!r}"
                 )
             per_pattern[pattern] = linear_matches
     chosen = {name for names in per_pattern.values() for name in names}
     for pattern in normalize_patterns(exclude):
         excluded = _full_matches(pattern, all_names, role="exclude")
         chosen -= set(excluded)
-    tied = sorted(chosen & tied_weight_modules(model))
+    shared = tied_weight_modules(model)
+    tied = sorted(name for name in chosen if name in shared and is_linear(model.get_submodule(name)))
     if tied:
         raise TargetError(
-            f"{tied[0]!r} shares its weight with another module (tied embeddings); adapting it would "
-            "also change that module when merged. Remove it from targets or add it to exclude."
+            f"{tied[0]!r} shares its weight with {shared[tied[0]][0]!r} (tied embeddings); LoRA on it would also "
+            "change that module when merged. Remove it from targets (or add it to exclude) and adapt the embedding "
+            f"instead: LoRA on the input embedding (a target matching {shared[tied[0]][0]!r}), or trainable tokens "
+            "for chosen rows of both (--trainable-tokens, LoRAConfig.trainable_tokens)."
         )
     if not chosen:
         raise TargetError(f"targets {patterns} minus exclude {normalize_patterns(exclude)} leave no module to adapt")

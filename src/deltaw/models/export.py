@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from deltaw import compat
 from deltaw.adapters import merge_adapter
 from deltaw.adapters.kinds import all_kinds
 from deltaw.adapters.state import adapters_of
@@ -44,6 +45,7 @@ def export_merged(
     dequantize_model(model, torch.float32)  # an NF4 base merges exactly into its dequantized weights
     merge_adapter(model, adapter)
     unload(model)
+    compat.mark_untied(model)  # LoRA merged into a tied embedding leaves the head on the original weight
     for param in model.parameters():
         param.requires_grad_(False)
     if dtype is not None:

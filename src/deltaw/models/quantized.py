@@ -115,6 +115,7 @@ def save_quantized(model: nn.Module, tokenizer, out: str | os.PathLike, overwrit
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(out / WEIGHTS_FILE),
               metadata={"format": "pt"})
+    compat.mark_untied(model)  # a merged tied-embedding LoRA left the head on the original weight
     config = model.config.to_dict()
     config["quantization_config"] = quantization_config(model)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

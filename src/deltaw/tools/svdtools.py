@@ -9,6 +9,11 @@ Every output layer has scaling 1 (alpha = rank); per-layer ranks go to rank_patt
 or, with `uniform=True`, every layer is zero-padded to the largest rank (the same product, for
 servers that ignore per-layer ranks). Reports give per layer the rank, the energy kept and the
 relative Frobenius error.
+
+LoRA on an embedding is a product B·A like any other (ΔEᵀ = s·B·A) and is resized and combined the same
+way. A DoRA adapter's change is not a product (m ⊙ (W + s·B·A)/‖W + s·B·A‖ − W needs W), nor are trainable
+token rows (they replace rows of E): resize keeps token rows as they are, and every other case is refused
+with the way round it (merge, then extract).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from tqdm.auto import tqdm
 from deltaw.adapters import AdapterFormatError, disable_adapters, load_adapter, set_adapter
 from deltaw.adapters.fingerprint import model_fingerprint
 from deltaw.adapters.lora.files import (
+    AdapterFile,
     lora_config_dict,
     module_scaling,
     read_lora_adapter,
@@ -73,7 +79,8 @@ class SVDReport:
 
 
 def _write(out: str | os.PathLike, factored: dict[str, Factored], target_modules, uniform: bool, deltaw: dict,
-           base_model: str | None) -> None:
+           base_model: str | None, embeddings: set[str] = frozenset(), source: AdapterFile | None = None) -> None:
+    """Write the factored layers (`embeddings` among them) as an adapter, with the token rows of `source`."""
     ranks = {module: f.rank for module, f in factored.items()}
     if uniform:
         top = max(ranks.values())
@@ -81,8 +88,24 @@ def _write(out: str | os.PathLike, factored: dict[str, Factored], target_modules
         ranks = dict.fromkeys(ranks, top)
     else:
         weights = {module: (f.lora_a, f.lora_b) for module, f in factored.items()}
-    config = lora_config_dict(ranks, dict.fromkeys(ranks, 1.0), target_modules, base_model=base_model, deltaw=deltaw)
-    write_adapter(out, weights, config)
+    tokens = source.tokens if source else {}
+    config = lora_config_dict(ranks, dict.fromkeys(ranks, 1.0), target_modules, base_model=base_model, deltaw=deltaw,
+                              trainable_token_indices=source.config.get("trainable_token_indices") if tokens else None)
+    write_adapter(out, weights, config, embeddings=embeddings, tokens=tokens)
+
+
+def _refuse_changes_not_products(adapter: AdapterFile, operation: str, tokens_allowed: bool = False) -> None:
+    """DoRA adapters (and, unless `tokens_allowed`, token rows) are not B·A products: refuse with the way round."""
+    if adapter.is_dora:
+        raise AdapterFormatError(
+            f"{adapter.path}: a DoRA adapter (use_dora): its weight change m ⊙ (W + s·B·A)/‖W + s·B·A‖ − W is not the "
+            f"product B·A, so {operation} cannot work on its factors. Merge it (deltaw merge) and extract an adapter "
+            "from the merged model (deltaw extract)")
+    if adapter.tokens and not tokens_allowed:
+        raise AdapterFormatError(
+            f"{adapter.path}: holds trainable token rows (trainable_token_indices), which replace rows of the "
+            f"embedding instead of adding a product B·A; {operation} cannot combine them. Merge the adapters into "
+            "one model (deltaw merge) and extract from it, or combine adapters without token rows")
 
 
 def _report_row(module: str, factored: Factored, norm: float) -> LayerReport:
@@ -129,7 +152,7 @@ def extract_adapter(
              and not torch.equal(tuned_tensors.get(name).to(p.dtype), p.detach())]
     if other:
         report.notes.append(f"note: {len(other)} other tensors differ and are not in the adapter "
-                            f"(LoRA adapts linear layers only): {other[:4]}")
+                            f"(extract factors linear layers only): {other[:4]}")
     deltaw = {"fingerprint": model_fingerprint(model), "svd": {"operation": "extract", "tuned": str(tuned),
               "rank": rank, "energy": energy, "rel_error": report.rel_error}}
     _write(out, factored, target_modules_for(list(linears), sorted(factored)), uniform, deltaw, base)
@@ -163,6 +186,7 @@ def resize_adapter(
 ) -> SVDReport:
     """The adapter in `path` truncated to `rank` (or to keep `energy` of each layer's ‖ΔW‖²)."""
     adapter = read_lora_adapter(path)
+    _refuse_changes_not_products(adapter, "resize", tokens_allowed=True)
     report = SVDReport("resize", Path(out))
     factored = {}
     for module, (lora_a, lora_b) in adapter.weights.items():
@@ -171,7 +195,8 @@ def resize_adapter(
         report.layers.append(_report_row(module, factored[module], _product_norm(scaled_b, lora_a)))
     deltaw = {**_inherited(adapter.config), "svd": {"operation": "resize", "source": str(path), "rank": rank,
               "energy": energy, "rel_error": report.rel_error}}
-    _write(out, factored, adapter.config["target_modules"], uniform, deltaw, adapter.config.get("base_model_name_or_path"))
+    _write(out, factored, adapter.config["target_modules"], uniform, deltaw, adapter.config.get("base_model_name_or_path"),
+           adapter.embeddings, source=adapter)
     return report
 
 
@@ -200,6 +225,8 @@ def combine_adapters(
     if method == "svd" and (rank is None) == (energy is None):
         raise ValueError("--method svd needs exactly one of --rank and --energy")
     adapters = [read_lora_adapter(path) for path in paths]
+    for adapter in adapters:
+        _refuse_changes_not_products(adapter, "combine")
     fingerprint = _common_fingerprint(adapters)
     stacks: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
     for adapter, weight in zip(adapters, weights):
@@ -227,7 +254,8 @@ def combine_adapters(
     deltaw = {**({"fingerprint": fingerprint} if fingerprint else {}),
               "svd": {"operation": "combine", "method": method, "sources": [str(p) for p in paths],
                       "weights": list(weights), "rank": rank, "energy": energy, "rel_error": report.rel_error}}
-    _write(out, factored, target_modules, uniform, deltaw, adapters[0].config.get("base_model_name_or_path"))
+    _write(out, factored, target_modules, uniform, deltaw, adapters[0].config.get("base_model_name_or_path"),
+           {module for adapter in adapters for module in adapter.embeddings})
     return report
 
 

@@ -158,7 +158,7 @@ def _prepare(config: TrainConfig) -> Run:
     model, tokenizer = load_model(config.model, dtype=DTYPES[config.dtype])
     train_examples, val_examples, dataset = _datasets(config, tokenizer)
     print(dataset.summary())
-    print(attach_adapter(model, config, train_examples))
+    print(attach_adapter(model, config, train_examples, tokenizer))
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -206,17 +206,19 @@ def _train_step(run: Run) -> dict:
 SAMPLE_TOKENS = 512  # the first training tokens a kind may use to initialise its adapter (prefix-tuning does)
 
 
-def attach_adapter(model, config: TrainConfig, examples: list[Example] = ()) -> object:
+def attach_adapter(model, config: TrainConfig, examples: list[Example] = (), tokenizer: object | None = None) -> object:
     """Add the trainable adapter `config.method` names to `model` (fp32 weights); returns a printable report.
 
     QLoRA first stores the targeted base layers as NF4. The kind gets the first training tokens for a
-    data-aware init (a prefix initialised from activations starts from them).
+    data-aware init (a prefix initialised from activations starts from them) and the tokenizer (LoRA's
+    trainable tokens may be given as text).
     """
     adapter = config.adapter()
     if config.method == "qlora" and not quantized_layers(model):
         print(quantize_model(model, adapter.targets, adapter.exclude))
     sample = torch.tensor([token for example in examples for token in example.input_ids][:SAMPLE_TOKENS])
-    report = kind_for_config(adapter).add(model, adapter, ADAPTER, dtype=torch.float32, sample_ids=sample)
+    report = kind_for_config(adapter).add(model, adapter, ADAPTER, dtype=torch.float32, sample_ids=sample,
+                                          tokenizer=tokenizer)
     record = quantization_record(model, config.dtype)
     if record:  # kept with the adapter (checkpoints too), so `deltaw merge` can rebuild this very base
         adapters_of(model).adapters[ADAPTER].metadata["base_quantization"] = record

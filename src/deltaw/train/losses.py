@@ -2,7 +2,8 @@
 
 A vocabulary of 49k makes the output head the largest matmul of a small model and its fp32 logits the
 largest activation ([tokens, 49152] floats: 200 MB for 4×256 tokens, and as much again for their
-gradient). With a frozen head (LoRA never trains it), the loss needs only d(loss)/d(hidden):
+gradient). With a frozen head (LoRA trains it only when targeted, trainable tokens only when it is tied to
+the embedding; otherwise the plain path below), the loss needs only d(loss)/d(hidden):
 
     logits = h·Wᵀ (chunk of rows)   loss = Σ logsumexp(logits) − logits[target]
     d loss / d h = (softmax(logits) − onehot(target))·W
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltaw import compat
-from deltaw.adapters.lora import LoRALinear
+from deltaw.adapters.lora import LoRALinear, TokenHead
 from deltaw.train.data import IGNORE
 
 CHUNK_ROWS = 256  # [256, 49152] fp32 logits: 50 MB at a time
@@ -77,7 +78,8 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
 
 
 def _head_is_frozen(head: nn.Module) -> bool:
-    """True when the head is a plain linear map whose weight gets no gradient."""
-    if isinstance(head, LoRALinear):
+    """True when the head is a plain linear map whose weight gets no gradient: not when LoRA adapts it, nor
+    when it follows trainable token rows (a tied head); those take the plain path and train."""
+    if isinstance(head, (LoRALinear, TokenHead)):
         return head.active is None and not head.weight.requires_grad and head.bias is None
     return isinstance(head, nn.Linear) and head.bias is None and not head.weight.requires_grad

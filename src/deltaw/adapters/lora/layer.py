@@ -20,6 +20,9 @@ bit for bit and switching adapters by merge never drifts. The copy is made on th
 as a reusable buffer (no allocation, no page faults on later merges) until
 `unmerge_adapter(model, release_memory=True)`: its cost is one copy of each merged weight.
 
+DoRA is one branch too: an adapter with a magnitude vector m [out] computes
+g ⊙ (W·x + scaling·B·(A·x)) + b with g = m / ‖W + scaling·B·A‖_row; its math is in `dora.py`.
+
 QLoRA is one branch: built from an `NF4Linear`, the layer's `weight` is an `NF4Weight` (4-bit, frozen)
 and the base product runs through `linear_nf4`, which dequantizes block-wise on the fly. Merging into
 an NF4 weight re-quantizes W + scaling·B·A, which is lossy: the layer records the error it introduced
@@ -34,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltaw.adapters.lora.dora import DoRAOutput, adapted_row_norms, dora_gain, dora_weight
 from deltaw.adapters.state import check_adapter_name
 from deltaw.quant.linear import NF4Linear, linear_nf4
 from deltaw.quant.nf4 import NF4Weight, quantize
@@ -71,6 +75,7 @@ class LoRALinear(nn.Module):
         lora_A: adapter name -> [r, in].
         lora_B: adapter name -> [out, r].
         scaling: adapter name -> float.
+        lora_magnitude: DoRA adapter name -> m [out] (absent for a plain LoRA adapter).
         active: the adapter added in forward, or None for the base layer.
         merged: the adapter currently added into `weight`, or None.
         unmerged_weight: [out, in] copy of the base weight, made by the first merge; it holds the base
@@ -90,6 +95,7 @@ class LoRALinear(nn.Module):
         self.bias = base.bias
         self.lora_A = AdapterParameters()
         self.lora_B = AdapterParameters()
+        self.lora_magnitude = AdapterParameters()
         self.lora_dropout: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.active: str | None = None
@@ -110,8 +116,10 @@ class LoRALinear(nn.Module):
         lora_b: torch.Tensor,
         scaling: float,
         dropout: float = 0.0,
+        magnitude: torch.Tensor | None = None,
     ) -> None:
-        """Attach adapter `name` with A: [r, in] and B: [out, r] (taken as given, not copied)."""
+        """Attach adapter `name` with A: [r, in] and B: [out, r] (taken as given, not copied); a DoRA adapter
+        also has its magnitude m: [out]."""
         check_adapter_name(name)
         rank = lora_a.shape[0]
         if lora_a.shape != (rank, self.in_features) or lora_b.shape != (self.out_features, rank):
@@ -119,8 +127,13 @@ class LoRALinear(nn.Module):
                 f"adapter {name!r}: expected lora_A [{rank}, {self.in_features}] and lora_B "
                 f"[{self.out_features}, {rank}], found {list(lora_a.shape)} and {list(lora_b.shape)}"
             )
+        if magnitude is not None and magnitude.shape != (self.out_features,):
+            raise ValueError(f"adapter {name!r}: expected a DoRA magnitude [{self.out_features}], "
+                             f"found {list(magnitude.shape)}")
         self.lora_A[name] = nn.Parameter(lora_a, requires_grad=False)
         self.lora_B[name] = nn.Parameter(lora_b, requires_grad=False)
+        if magnitude is not None:
+            self.lora_magnitude[name] = nn.Parameter(magnitude, requires_grad=False)
         self.scaling[name] = float(scaling)
         self.lora_dropout[name] = float(dropout)
 
@@ -130,26 +143,63 @@ class LoRALinear(nn.Module):
             raise RuntimeError(f"adapter {name!r} is merged; call unmerge_adapter(model) before deleting it")
         del self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
         del self.scaling[name]
+        if name in self.lora_magnitude:
+            del self.lora_magnitude[name]
         if self.active == name:
             self.active = None
         if not self.lora_A:
             self.unmerged_weight = None
 
+    def has(self, name: str) -> bool:
+        """Whether adapter `name` adapts this layer."""
+        return name in self.lora_A
+
     def rank(self, name: str) -> int:
         """The rank r of adapter `name` in this layer."""
         return self.lora_A[name].shape[0]
 
+    def is_dora(self, name: str) -> bool:
+        """Whether adapter `name` is a DoRA adapter in this layer (it has a magnitude vector)."""
+        return name in self.lora_magnitude
+
+    def frozen_weight(self) -> torch.Tensor | NF4Weight:
+        """The unmerged base weight as stored: a float tensor [out, in], or the original NF4Weight."""
+        return self._original_nf4() if self.quantized else self.base_weight()
+
+    def dora_norms(self, name: str) -> torch.Tensor:
+        """‖W + scaling·B·A‖ per output row for adapter `name` [out] float32, no gradient (W dequantized if NF4).
+        Computed afresh on every call, as PEFT does (see dora.py); serving computes it once per adapter."""
+        return adapted_row_norms(self.frozen_weight(), self.lora_A[name], self.lora_B[name], self.scaling[name])
+
     # ----------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in] -> [..., out]."""
-        y = linear_nf4(x, self.weight, self.bias) if self.quantized else F.linear(x, self.weight, self.bias)
         name = self.active
         if name is None or self.merged is not None:
-            return y
+            return self._base(x, self.bias)
         dropout = self.lora_dropout[name]
-        if dropout > 0 and self.training:
-            x = F.dropout(x, dropout, training=True)
-        return self._add_lora(y, x, name)
+        dropped = F.dropout(x, dropout, training=True) if dropout > 0 and self.training else x
+        if name in self.lora_magnitude:
+            return self._dora(x, dropped, name)
+        return self._add_lora(self._base(x, self.bias), dropped, name)
+
+    def _base(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """W·x (+ bias): [..., in] -> [..., out], dequantizing on the fly for an NF4 weight."""
+        return linear_nf4(x, self.weight, bias) if self.quantized else F.linear(x, self.weight, bias)
+
+    def _dora(self, x: torch.Tensor, dropped: torch.Tensor, name: str) -> torch.Tensor:
+        """W·x + b + (g − 1) ⊙ W·x̃ + g ⊙ scaling·B·(A·x̃), g = m / ‖W + scaling·B·A‖_row detached, x̃ = the
+        dropped-out input (x itself without dropout: then g ⊙ (W·x + scaling·B·(A·x)) + b). The terms are PEFT's,
+        added in its order, in float32 (g is close to 1). x: [..., in] -> [..., out]."""
+        gain = dora_gain(self.lora_magnitude[name], self.dora_norms(name)).float()
+        result = self._base(x, self.bias)
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        lora_input = dropped if torch.is_autocast_enabled(x.device.type) else dropped.to(lora_a.dtype)
+        lora_result = F.linear(F.linear(lora_input, lora_a), lora_b)
+        if dropped is x:  # no dropout: the memory-lean form (see DoRAOutput)
+            return DoRAOutput.apply(result, lora_result, gain, self.bias, self.scaling[name])
+        change = (gain - 1) * self._base(dropped, None) + gain * lora_result * self.scaling[name]
+        return (result + change).to(result.dtype)
 
     def _add_lora(self, y: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         """y + scaling·B·(A·x); y: [..., out], x: [..., in]. One fused multiply-add for B.
@@ -169,10 +219,22 @@ class LoRALinear(nn.Module):
 
     # ----------------------------------------------------------------------------- merging
     def delta_weight(self, name: str) -> torch.Tensor:
-        """scaling·B·A in float32: [out, in]."""
+        """The change adapter `name` makes to the weight, float32 [out, in]: scaling·B·A, or for DoRA the
+        merged weight minus the base weight."""
+        if name in self.lora_magnitude:
+            base = self.base_weight().float()
+            return self.merged_weight(name, base).sub_(base)
         lora_a = self.lora_A[name].detach().float()
         lora_b = self.lora_B[name].detach().float()
         return (lora_b @ lora_a).mul_(self.scaling[name])
+
+    def merged_weight(self, name: str, base: torch.Tensor) -> torch.Tensor:
+        """The weight with adapter `name` merged into `base` [out, in] (float32): W + scaling·B·A, or DoRA's
+        m ⊙ (W + scaling·B·A) / ‖W + scaling·B·A‖_row."""
+        lora_a, lora_b = self.lora_A[name].detach(), self.lora_B[name].detach()
+        if name in self.lora_magnitude:
+            return dora_weight(base, lora_a, lora_b, self.scaling[name], self.lora_magnitude[name].detach())
+        return torch.addmm(base.float(), lora_b.float(), lora_a.float(), alpha=self.scaling[name])
 
     @torch.no_grad()
     def merge_(self, name: str) -> None:
@@ -195,13 +257,12 @@ class LoRALinear(nn.Module):
                 self.unmerged_weight = torch.empty_like(weight)
             self.unmerged_weight.copy_(weight)
         lora_a, lora_b = self.lora_A[name].detach(), self.lora_B[name].detach()
-        if weight.dtype == lora_a.dtype == lora_b.dtype:
+        if weight.dtype == lora_a.dtype == lora_b.dtype and name not in self.lora_magnitude:
             # one pass: read the kept base, write the sum (no copy first); a bf16 GEMM accumulates in fp32
             # and rounds once, as the fp32 path below does
             torch.addmm(self.unmerged_weight, lora_b, lora_a, alpha=self.scaling[name], out=weight)
         else:
-            weight.copy_(torch.addmm(self.unmerged_weight.float(), lora_b.float(), lora_a.float(),
-                                     alpha=self.scaling[name]))
+            weight.copy_(self.merged_weight(name, self.unmerged_weight))
         self.merged = name
         self.active = name
 
@@ -212,17 +273,18 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def _merge_nf4(self, name: str) -> None:
-        """weight <- Q(dequantize(base) + scaling·B·A), re-quantized with the base's settings; the original
-        NF4Weight is kept aside, so unmerge is exact. Sets `merge_error`."""
+        """weight <- Q(the merged weight over dequantize(base)), re-quantized with the base's settings; the
+        original NF4Weight is kept aside, so unmerge is exact. Sets `merge_error`."""
         base = self._original_nf4()
-        delta = self.delta_weight(name).to(base.device)
-        if not delta.any():  # nothing to add: re-quantizing would still move the block scales
+        dequantized = base.dequantize(torch.float32)
+        target = self.merged_weight(name, dequantized)
+        delta_norm = (target - dequantized).norm()
+        if delta_norm == 0:  # nothing to add: re-quantizing would still move the block scales
             merged, self.merge_error = base, 0.0
         else:
-            target = base.dequantize(torch.float32).add_(delta)
             merged = quantize(target, base.blocksize, base.double_quant).to(base.device)
             merged.dtype = base.dtype
-            self.merge_error = float(merged.dequantize(torch.float32).sub_(target).norm() / delta.norm())
+            self.merge_error = float(merged.dequantize(torch.float32).sub_(target).norm() / delta_norm)
         self.__dict__["_unmerged_nf4"] = base
         self.weight = merged
         self.merged = name

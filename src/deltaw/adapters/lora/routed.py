@@ -34,8 +34,20 @@ sum of a mix's adapters (a mixed row sits in several groups), or nothing. Paddin
 and zero weights add exact zeros. Each adapter's weights are read once per step and each row does
 the multiply-adds of its own adapters only. The layer keeps `weight` and `bias` under nn.Linear's
 names (it *is* an nn.Linear), so what finds a model's linear layers (adapter validation,
-fingerprints) sees the same model. `reference_delta` computes the same thing with a Python loop per
-row and per adapter and the plain LoRA math; tests hold the batched paths to it.
+fingerprints) sees the same model.
+
+DoRA (`dora.py`) computes g ⊙ (W x + s·B A x) + b with a gain g = m / ‖W + s·B·A‖_row [out] that is fixed
+once the adapter is loaded (W is frozen): its slot holds B' = g ⊙ B, and the gain's excess g − 1 sits in
+
+    gain_shift  [slots, out]        g − 1 for a DoRA adapter, 0 otherwise (allocated with the first DoRA slot)
+
+so row i computes G_i ⊙ (W x_i) + b + (the deltas above, with B'), G_i = 1 + Σ_j w_ij (g_j − 1). With one
+adapter of weight 1 that is DoRA's output; a weighted mix is the weighted sum of the members' weight
+changes Σ_j w_ij (W'_j − W), as for LoRA, so DoRA adapters mix (with each other and with LoRA) exactly.
+Rows without a DoRA adapter have G = 1, and a batch without one skips the gain entirely.
+
+`reference_delta` computes the same thing with a Python loop per row and per adapter and the plain LoRA
+math (and the gain's excess); tests hold the batched paths to it.
 """
 
 from __future__ import annotations
@@ -136,6 +148,7 @@ class RoutedLinear(nn.Linear):
         lora_bt: [slots, r_max, out] (B transposed) or None.
         scaling: [slots] float32, on the CPU.
         ranks: the rank stored in each slot (0: the slot's adapter does not target this layer).
+        gain_shift: [slots, out] DoRA's g − 1 per slot (0 for LoRA), or None before the first DoRA adapter.
     """
 
     def __init__(self, base: nn.Linear, routing: Routing) -> None:
@@ -145,9 +158,10 @@ class RoutedLinear(nn.Linear):
         self.routing = routing
         self.register_buffer("lora_a", None, persistent=False)
         self.register_buffer("lora_bt", None, persistent=False)
+        self.register_buffer("gain_shift", None, persistent=False)
         self.scaling: torch.Tensor | None = None  # [slots] float32 on the CPU: routing metadata, not moved by .to()
         self.ranks: list[int] = []
-        self._stack: tuple[int, tuple[torch.Tensor, ...] | None] | None = None
+        self._stack: tuple[int, tuple[torch.Tensor, ...] | None, torch.Tensor | None] | None = None
 
     # ----------------------------------------------------------------------------- slots
     def reserve(self, slots: int, rank: int) -> None:
@@ -165,18 +179,28 @@ class RoutedLinear(nn.Linear):
             lora_a[:old_slots, :old_rank] = self.lora_a
             lora_bt[:old_slots, :old_rank] = self.lora_bt
             scaling[:old_slots] = self.scaling
+        if self.gain_shift is not None:
+            gain_shift = torch.zeros(slots, self.out_features, device=self.weight.device)
+            gain_shift[:old_slots] = self.gain_shift
+            self.gain_shift = gain_shift
         self.lora_a, self.lora_bt, self.scaling = lora_a, lora_bt, scaling
         self.ranks += [0] * (slots - len(self.ranks))
 
     @torch.no_grad()
-    def write_slot(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
-        """Store A [r, in] and B [out, r] in `slot`, zero-padded to r_max."""
+    def write_slot(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                   gain: torch.Tensor | None = None) -> None:
+        """Store A [r, in] and B [out, r] in `slot`, zero-padded to r_max; a DoRA adapter also gives its gain
+        g [out] (B is stored as g ⊙ B, and g − 1 in gain_shift)."""
         rank = lora_a.shape[0]
         self.reserve(slot + 1, rank)
         self.lora_a[slot].zero_()
         self.lora_bt[slot].zero_()
         self.lora_a[slot, :rank] = lora_a
-        self.lora_bt[slot, :rank] = lora_b.t()
+        self.lora_bt[slot, :rank] = lora_b.t() if gain is None else (lora_b.float() * gain.float()[:, None]).t()
+        if gain is not None and self.gain_shift is None:  # float32: g is close to 1
+            self.gain_shift = torch.zeros(self.lora_a.shape[0], self.out_features, device=self.weight.device)
+        if self.gain_shift is not None:
+            self.gain_shift[slot] = 0.0 if gain is None else gain - 1.0
         self.scaling[slot] = scaling
         self.ranks[slot] = rank
 
@@ -188,20 +212,26 @@ class RoutedLinear(nn.Linear):
             self.lora_bt[slot].zero_()
             self.scaling[slot] = 0.0
             self.ranks[slot] = 0
+            if self.gain_shift is not None:
+                self.gain_shift[slot] = 0.0
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [rows, seq, in] -> [rows, seq, out], row i with the adapters of `routing.routes[i]`."""
-        quantized = isinstance(self.weight, NF4Weight)  # an NF4 base (QLoRA): dequantized on the fly
-        y = linear_nf4(x, self.weight, self.bias) if quantized else F.linear(x, self.weight, self.bias)
         routing = self.routing
         if routing.slots is None or self.lora_a is None:
-            return y
+            return self._base(x, self.bias)
         if routing.reference:
-            return y + self.reference_delta(x)
+            return self._base(x, self.bias) + self.reference_delta(x)
         if self._stack is None or self._stack[0] != routing.version:
-            self._stack = (routing.version, self._build_stack())
-        stack = self._stack[1]
+            self._stack = (routing.version, self._build_stack(), self._build_gain())
+        _, stack, gain = self._stack
+        if gain is None:
+            y = self._base(x, self.bias)
+        else:  # DoRA rows: G ⊙ (W x) + b
+            y = self._base(x, None).mul_(gain)
+            if self.bias is not None:
+                y += self.bias
         if stack is None:
             return y
         if len(stack) == 3:  # one adapter in the batch, or a few stacked along the rank
@@ -216,6 +246,31 @@ class RoutedLinear(nn.Linear):
         ax.view(groups, size, -1, ax.shape[-1]).mul_(coef)
         delta = torch.bmm(ax, lora_bt)  # [groups, g·seq, out]
         return y.index_add_(0, rows, delta.view(groups * size, *y.shape[1:]))
+
+    def _base(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """W x (+ bias); an NF4 base (QLoRA) is dequantized on the fly."""
+        if isinstance(self.weight, NF4Weight):
+            return linear_nf4(x, self.weight, bias)
+        return F.linear(x, self.weight, bias)
+
+    def _build_gain(self) -> torch.Tensor | None:
+        """G [rows, 1, out] = 1 + Σ_j w_ij (g_j − 1) for the current routing, or None when no row's adapter is
+        a DoRA adapter of this layer."""
+        routing, shift = self.routing, self.gain_shift
+        if shift is None:
+            return None
+        if routing.row_weights is not None:
+            slot_shift = shift[int(routing.slots[0])]
+            if not slot_shift.any():
+                return None
+            gain = routing.row_weights.to(shift.device)[:, None] * slot_shift[None, :]
+        else:
+            slots = routing.group_slots.to(shift.device)
+            group_shift = shift.index_select(0, slots)
+            if not group_shift.any():
+                return None
+            gain = routing.row_group_weights.to(shift.device) @ group_shift
+        return gain.add_(1.0).unsqueeze(1)
 
     def _build_stack(self) -> tuple[torch.Tensor, ...] | None:
         """For the current routing: (A_s [r_max, in], Bt_s [r_max, out], coef [rows, 1, 1]) with one
@@ -250,7 +305,8 @@ class RoutedLinear(nn.Linear):
         return lora_a, lora_bt, coef.to(device, dtype), routing.group_rows.to(device)
 
     def reference_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """The same deltas by a loop per row and per adapter: Σ weight · scaling · B (A x). x: [rows, seq, in]."""
+        """The same deltas by a loop per row and per adapter: Σ weight · (scaling · B' (A x) + (g − 1) ⊙ W x),
+        B' = g ⊙ B as stored (g = 1 for LoRA). x: [rows, seq, in]."""
         delta = torch.zeros(*x.shape[:-1], self.out_features, dtype=x.dtype, device=x.device)
         for row, route in enumerate(self.routing.routes):
             for slot, weight in route:
@@ -260,6 +316,8 @@ class RoutedLinear(nn.Linear):
                 lora_a, lora_b = self.lora_a[slot, :rank], self.lora_bt[slot, :rank].t()
                 scaling = float(self.scaling[slot]) * weight
                 delta[row] += scaling * F.linear(F.linear(x[row], lora_a), lora_b)
+                if self.gain_shift is not None:
+                    delta[row] += (weight * self.gain_shift[slot] * self._base(x[row], None)).to(x.dtype)
         return delta
 
     def extra_repr(self) -> str:

@@ -34,7 +34,7 @@ class PrefixKind(AdapterKind):
     mixable = False  # prefixes add attention columns; a weighted sum of two prefixes means nothing
 
     def add(self, model: nn.Module, config: PrefixConfig, name: str, dtype: torch.dtype | None = None,
-            sample_ids: torch.Tensor | None = None) -> PrefixReport:
+            sample_ids: torch.Tensor | None = None, tokenizer: object | None = None) -> PrefixReport:
         return add_prefix(model, config, name, dtype=dtype or torch.float32, init_ids=sample_ids)
 
     def read(self, path: Path) -> PrefixFile:
