@@ -272,3 +272,16 @@ def test_a_file_that_is_no_adapter_format_is_named(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"\0" * 16)
     with pytest.raises(AdapterFormatError, match="not an adapter directory.*ending in .gguf"):
         deltaw.load_adapter(make_tiny_llama(), tmp_path / "weights.bin", "x")
+
+
+@pytest.mark.parametrize("config, what", [
+    (deltaw.LoRAConfig(rank=4, alpha=8, use_dora=True), "DoRA magnitudes"),
+    (deltaw.LoRAConfig(rank=4, alpha=8, trainable_tokens=[5, 7]), "trainable token rows"),
+    (deltaw.LoRAConfig(rank=4, alpha=8, targets=["model.embed_tokens", r".*\.q_proj"]), "a LoRA on the embedding"),
+])
+def test_export_refuses_what_a_llamacpp_lora_cannot_hold(tmp_path, config, what):
+    model = make_tiny_llama()
+    directory, _ = adapted(model, config, tmp_path / "a")
+    with pytest.raises(AdapterFormatError, match=f"holds plain LoRA pairs only; this adapter has {what}.*deltaw merge"):
+        write_gguf(read_lora_adapter(directory), model.config, tmp_path / "a.gguf")
+    assert not (tmp_path / "a.gguf").exists()

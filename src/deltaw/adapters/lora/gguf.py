@@ -91,6 +91,7 @@ def write_gguf(adapter: AdapterFile, base_config: object, out: str | os.PathLike
         arch = architecture_for(model_type)
     except ValueError as exc:
         raise AdapterFormatError(f"{adapter.path}: {exc}") from None
+    _check_exportable(adapter)
     alpha = float(adapter.config["lora_alpha"])
     tensors, folded = {}, 0
     for module, (lora_a, lora_b) in adapter.weights.items():
@@ -106,6 +107,22 @@ def write_gguf(adapter: AdapterFile, base_config: object, out: str | os.PathLike
     metadata = json.dumps(deltaw_section(adapter.config), sort_keys=True)
     _write(Path(out), arch.name, alpha, tensors, outtype, adapter.path.name, metadata)
     return GGUFReport(Path(out), arch.name, alpha, len(adapter.weights), folded, outtype, Path(out).stat().st_size)
+
+
+def _check_exportable(adapter: AdapterFile) -> None:
+    """Refuse the parts of a LoRA file that llama.cpp's adapter format cannot hold."""
+    parts = [(adapter.magnitudes, "DoRA magnitudes (use_dora)", "merge it into the base (deltaw merge) and "
+              "convert the merged model"),
+             (adapter.tokens, "trainable token rows", "merge it into the base (deltaw merge) and convert the "
+              "merged model"),
+             (adapter.embeddings, "a LoRA on the embedding", "retrain without the embedding in --target, or merge "
+              "it (deltaw merge) and convert the merged model"),
+             (adapter.base_copies, "copies of base modules (modules_to_save)", "merge it and convert the merged "
+              "model")]
+    for present, what, fix in parts:
+        if present:
+            raise AdapterFormatError(f"{adapter.path}: llama.cpp's LoRA GGUF holds plain LoRA pairs only; this "
+                                     f"adapter has {what} ({', '.join(sorted(present)[:3])}); {fix}")
 
 
 def _gguf_name(adapter: AdapterFile, module: str, arch: GGUFArchitecture) -> str:
