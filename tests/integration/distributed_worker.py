@@ -37,6 +37,8 @@ SCENARIOS = {
     "fsdp-qlora": ["--method", "qlora", "--batch-size", "4", "--fsdp", "--gradient-checkpointing"],
     "ddp-prefix": ["--method", "prefix", "--batch-size", "4"],
 }
+# name -> flags of a one-process run the test rewinds to its step-3 checkpoint; the 2 ranks resume it
+RESUMED = {"resume-1-on-2": ["--batch-size", "4", "--save-every", "3"]}
 # name -> flags of runs that must stop on every rank with a clear error (DATA is replaced per rank)
 FAILURES = {
     "batch-below-world": ["--batch-size", "1"],
@@ -87,6 +89,8 @@ def main(model: str, data: str, out: str) -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank, root = dist.get_rank(), Path(out)
     results = {name: run_cli(argv(model, data, root / name, flags)) for name, flags in SCENARIOS.items()}
+    for name, flags in RESUMED.items():
+        results[name] = run_cli(argv(model, data, root / name, [*flags, "--resume"]))
     for name, flags in FAILURES.items():
         own_data = data if name != "data-missing-on-rank-1" or rank == 0 else str(root / "missing.jsonl")
         results[name] = run_cli(argv(model, own_data, root / name, flags))

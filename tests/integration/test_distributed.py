@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +24,7 @@ from deltaw import cli
 from deltaw.train.checkpoint import latest_checkpoint
 from deltaw.train.metrics import read_metrics
 from tests.conftest import chat, write_jsonl
-from tests.integration.distributed_worker import COMMON, SCENARIOS, argv
+from tests.integration.distributed_worker import RESUMED, SCENARIOS, argv
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH_TIMEOUT = 420  # seconds for a whole torchrun job on a busy 2-core machine; a hang fails here
@@ -58,19 +59,31 @@ def one_process(arguments: list[str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tiny_model_dir, data, tmp_path_factory) -> tuple[Path, list[dict]]:
-    out = tmp_path_factory.mktemp("two-ranks")
-    done = torchrun("-m", "tests.integration.distributed_worker", str(tiny_model_dir), data, str(out))
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    return out, [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+def references(tiny_model_dir, data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("one-process")
+    for name, flags in {**SCENARIOS, **RESUMED}.items():
+        one_process(argv(str(tiny_model_dir), data, out / name, flags))
+    return out
+
+
+def rewind(finished: Path, to: Path, step: int) -> None:
+    """A copy of a finished run as it was when killed right after its checkpoint at `step`."""
+    shutil.copytree(finished, to)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "loss.png"):
+        (to / name).unlink()
+    for checkpoint in (to / "checkpoints").glob("step-*"):
+        if int(checkpoint.name.removeprefix("step-")) > step:
+            shutil.rmtree(checkpoint)
+    (to / "checkpoints" / "latest").write_text(f"step-{step:06d}")
 
 
 @pytest.fixture(scope="module")
-def references(tiny_model_dir, data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("one-process")
-    for name, flags in SCENARIOS.items():
-        one_process(argv(str(tiny_model_dir), data, out / name, flags))
-    return out
+def two_ranks(tiny_model_dir, data, references, tmp_path_factory) -> tuple[Path, list[dict]]:
+    out = tmp_path_factory.mktemp("two-ranks")
+    rewind(references / "resume-1-on-2", out / "resume-1-on-2", step=3)
+    done = torchrun("-m", "tests.integration.distributed_worker", str(tiny_model_dir), data, str(out))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return out, [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
 
 def losses(out: Path, key: str = "loss") -> list[float]:
@@ -98,6 +111,15 @@ def test_two_ranks_train_the_adapter_one_process_trains(name, two_ranks, referen
     assert steps == list(range(1, 7))  # rank 0 alone wrote the metrics
     assert (out / name / "loss.png").is_file() and latest_checkpoint(out / name).name == "step-000006"
     assert "trained 6 steps" in ranks[0][name]["stdout"] and ranks[1][name]["stdout"] == ""  # rank 1 prints nothing
+
+
+def test_two_ranks_resume_a_one_process_checkpoint(two_ranks, references):
+    out, ranks = two_ranks
+    assert [ranks[r]["resume-1-on-2"]["code"] for r in (0, 1)] == [0, 0], ranks[1]["resume-1-on-2"]["stderr"]
+    assert "resuming a 1-process run on 2" in ranks[0]["resume-1-on-2"]["stdout"]
+    assert_same_run(references / "resume-1-on-2", out / "resume-1-on-2")
+    state = json.loads((latest_checkpoint(out / "resume-1-on-2") / "state.json").read_text())
+    assert state["step"] == 6 and state["world_size"] == 2
 
 
 def test_fsdp_shards_the_4bit_base_across_ranks(two_ranks):
