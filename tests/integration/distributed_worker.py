@@ -17,7 +17,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 from deltaw import cli
 from deltaw.models.loading import load_model
@@ -25,7 +24,7 @@ from deltaw.quant.linear import quantized_layers
 from deltaw.train.config import TrainConfig
 from deltaw.train.distributed import start_ranks
 from deltaw.train.loop import attach_adapter
-from deltaw.train.parallel import parallelize
+from deltaw.train.parallel import held_bytes, parallelize
 
 COMMON = ["--steps", "6", "--lr", "5e-3", "--rank", "4", "--alpha", "8", "--dtype", "fp32", "--no-progress"]
 # name -> flags; the same run without --fsdp in one process is the reference
@@ -33,7 +32,7 @@ SCENARIOS = {
     # 16 training examples (20, 4 held out) in micro-batches of 3: every epoch ends with a 1-example batch, so
     # rank 1 runs a zero-weight example there; grad_accum 2 accumulates under DDP's no_sync
     "ddp-lora": ["--batch-size", "3", "--grad-accum", "2", "--val-split", "0.2", "--val-every", "3"],
-    "fsdp-lora": ["--batch-size", "4", "--fsdp"],
+    "fsdp-lora": ["--batch-size", "2", "--grad-accum", "2", "--fsdp"],  # sharded gradients accumulate
     "fsdp-qlora": ["--method", "qlora", "--batch-size", "4", "--fsdp", "--gradient-checkpointing"],
     "ddp-prefix": ["--method", "prefix", "--batch-size", "4"],
 }
@@ -55,14 +54,6 @@ def run_cli(arguments: list[str]) -> dict:
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         code = cli.main(arguments)
     return {"code": code, "stdout": stdout.getvalue(), "stderr": stderr.getvalue()}
-
-
-def held_bytes(model) -> int:
-    """Bytes of the frozen base this rank holds: frozen parameters (their local shards under FSDP) and NF4 state."""
-    tensors = [p for p in model.parameters() if not p.requires_grad]
-    tensors += [b for weight in quantized_layers(model).values() for name, b in weight.named_buffers()
-                if name != "nested_code"]  # NF4 state while it is held in buffers (before FSDP)
-    return sum((t.to_local() if isinstance(t, DTensor) else t).numel() * t.element_size() for t in tensors)
 
 
 def layouts(model_dir: str) -> dict:

@@ -44,7 +44,7 @@ from deltaw.train.distributed import Ranks, check_launch, start_ranks
 from deltaw.train.errors import TrainingError
 from deltaw.train.losses import CausalLMLoss
 from deltaw.train.metrics import MetricsLog, plot_losses
-from deltaw.train.parallel import accumulating, full, parallelize, whole_parameters
+from deltaw.train.parallel import accumulating, describe, full, held_bytes, parallelize, whole_parameters
 
 ADAPTER = "default"
 
@@ -200,7 +200,10 @@ def _prepare(config: TrainConfig, ranks: Ranks) -> Run:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         choose_attention(model, config.seq_len, config.dtype, ranks.device)
+    whole = held_bytes(model)
     objective = parallelize(model, ranks, config.fsdp)
+    if ranks.distributed:
+        print(describe(ranks, config.fsdp, whole, held_bytes(model)))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     order = BatchOrder(len(train_examples), config.batch_size, config.seed)

@@ -84,6 +84,21 @@ def _fully_shard(objective: CausalLMLoss, model: nn.Module, ranks: Ranks) -> Cau
     return objective
 
 
+def held_bytes(model: nn.Module) -> int:
+    """Bytes of the frozen base this rank holds: its shards of the frozen parameters under FSDP, else all of them,
+    and the buffers (NF4 codes and scales are buffers until FSDP makes them parameters)."""
+    tensors = {id(t): t for t in model.parameters() if not t.requires_grad}
+    tensors.update({id(t): t for t in model.buffers()})
+    return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors.values())
+
+
+def describe(ranks: Ranks, fsdp: bool, whole: int, held: int) -> str:
+    """One line on how the ranks hold the base (`whole` bytes in all, `held` on this rank)."""
+    if fsdp:
+        return f"FSDP over {ranks.world} ranks: each holds {held / 2**20:,.1f} MiB of the {whole / 2**20:,.1f} MiB base"
+    return f"DDP over {ranks.world} ranks: each holds the whole {whole / 2**20:,.1f} MiB base; the adapter is all-reduced"
+
+
 def accumulating(objective: nn.Module, last: bool) -> ContextManager:
     """The context for one micro-batch's forward and backward: DDP skips its all-reduce on all but the last
     micro-batch of a step (gradients accumulate locally, then one all-reduce); otherwise nothing."""
