@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ def status_kib(field: str) -> int:
 
 def rank_worker(arguments: list[str]) -> None:
     """One rank (or the one process): `deltaw train`, resetting the peak-memory mark at the first step; prints
-    {"rank", "load_peak_mib", "base_held_mib", "train_peak_mib"} as its last line."""
+    {"rank", "load_peak_mib", "base_held_mib", "cpu_s" (per step), "train_peak_mib"} as its last line."""
     from deltaw import cli
     from deltaw.train import loop
     from deltaw.train.parallel import held_bytes
@@ -45,10 +46,13 @@ def rank_worker(arguments: list[str]) -> None:
 
     def first_step_resets_the_peak(run):
         if not marks:
-            marks["load_peak_mib"] = status_kib("VmHWM") / 1024
-            marks["base_held_mib"] = held_bytes(run.model) / 2**20
+            marks.update(load_peak_mib=status_kib("VmHWM") / 1024, base_held_mib=held_bytes(run.model) / 2**20,
+                         cpu_s=[])
             Path("/proc/self/clear_refs").write_text("5")
-        return real(run)
+        start = time.process_time()
+        record = real(run)
+        marks["cpu_s"].append(time.process_time() - start)
+        return record
 
     loop._train_step = first_step_resets_the_peak
     code = cli.main(arguments)
@@ -112,8 +116,9 @@ def main() -> None:
             for index, config in enumerate(rows):
                 results[index].append(run(config, args.steps, Path(scratch) / f"r{round_index}-{index}"))
     print(f"| method | device | processes x threads | parallelism | tokens/s (median) | vs 1 process "
-          f"| base held per rank (MiB) | peak RSS per rank, training (MiB) | plan (MiB) | loss at step {args.steps} |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"| CPU s/step, all ranks | base held per rank (MiB) | peak RSS per rank, training (MiB) | plan (MiB) "
+          f"| loss at step {args.steps} |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     baseline: dict[tuple[str, str], float] = {}
     for config, runs in zip(rows, results):
         speed = statistics.median(r["tokens_per_s"] for run_ in runs for r in run_["records"][args.warmup:])
@@ -121,9 +126,12 @@ def main() -> None:
         baseline.setdefault(key, speed)
         peak = statistics.median(max(p["train_peak_mib"] for p in run_["peaks"]) for run_ in runs)
         held = max(p["base_held_mib"] for p in runs[0]["peaks"])
+        cpu = statistics.median(sum(ranks) for run_ in runs  # one step's CPU seconds over all ranks
+                                for ranks in list(zip(*(p["cpu_s"] for p in run_["peaks"])))[args.warmup:])
         kind = "FSDP" if config["fsdp"] else ("DDP" if config["processes"] > 1 else "one process")
         print(f"| {config['method']} | {config['device']} | {config['processes']} x {config['threads']} | {kind} "
-              f"| {speed:,.0f} | {speed / baseline[key]:.2f}x | {held:,.1f} | {peak:,.0f} | {planned_mib(config):,.0f} "
+              f"| {speed:,.0f} | {speed / baseline[key]:.2f}x | {cpu:.2f} | {held:,.1f} | {peak:,.0f} "
+              f"| {planned_mib(config):,.0f} "
               f"| {runs[0]['records'][-1]['loss']:.4f} |")
 
 

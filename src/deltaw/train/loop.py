@@ -159,7 +159,7 @@ def _train(config: TrainConfig, ranks: Ranks) -> TrainResult:
     while run.state["step"] < run.total_steps:
         record = _train_step(run)
         loss, val_loss = record["loss"], record.get("val_loss", val_loss)
-        if metrics:
+        if metrics is not None:
             metrics.write(record)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}",
                         **({"val": f"{val_loss:.4f}"} if val_loss is not None else {}))
