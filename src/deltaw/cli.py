@@ -52,6 +52,8 @@ class InspectOptions:
 
 def run_train(config: TrainConfig) -> None:
     result = train(config)
+    if result.rank:  # under torchrun rank 0 reports for all
+        return
     val = f", validation loss {result.final_val_loss:.4f}" if result.final_val_loss is not None else ""
     print(f"trained {result.steps} steps on {result.tokens:,} tokens in {result.seconds:.0f} s: loss "
           f"{result.final_loss:.4f}{val}\nadapter -> {result.out} (metrics.jsonl, loss.png, checkpoints/)")

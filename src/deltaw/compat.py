@@ -8,7 +8,8 @@ breaks one function here and one clearly named test:
     attention functions   register_attention, sdpa_attention, eager_attention: the call convention
                           (module, query, key, value, mask, **kwargs) of transformers' attention interface
     attention choice      attention_implementation, set_attention_implementation
-    the decoder stack     decoder(model): where the prefix pre-hook and the chunked loss attach
+    the decoder stack     decoder(model): where the prefix pre-hook and the chunked loss attach;
+                          decoder_layers(model): the blocks FSDP shards one by one
     KV caches             new_cache, find_cache (by type, whatever it is called), cache_argument (the forward
                           keyword), cache_layers (per-layer keys/values the serving engine joins and trims)
     loading               load_gguf (GGUF files dequantized to float), empty_model (no weight init)
@@ -66,6 +67,15 @@ def set_attention_implementation(model: nn.Module, name: str) -> None:
 def decoder(model: nn.Module) -> nn.Module:
     """The decoder stack of a causal LM (embeddings, layers, final norm; no head): it returns hidden states."""
     return model.base_model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a causal LM, in order (`model.model.layers` for Llama, Qwen, Gemma, Mistral)."""
+    layers = getattr(decoder(model), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(model).__name__}: no decoder layers at .{model.base_model_prefix}.layers, "
+                         "so FSDP cannot shard it layer by layer; train it without --fsdp")
+    return layers
 
 
 # --------------------------------------------------------------------------------------------- KV caches

@@ -8,6 +8,7 @@ import torch
 
 import deltaw
 from deltaw.train import loop as train_module
+from deltaw.train import losses as losses_module
 from deltaw.train.checkpoint import latest_checkpoint
 from deltaw.train.metrics import read_metrics
 from deltaw.train.loop import BatchOrder, TrainConfig, TrainingError, lr_factor, train
@@ -97,7 +98,7 @@ def test_bf16_training_keeps_adapter_and_optimizer_fp32(tiny_model_dir, data, tm
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tiny_model_dir, data, tmp_path, monkeypatch):
-    real = train_module.lm_loss_sum
+    real = losses_module.lm_loss_sum
     calls = {"n": 0}
 
     def poisoned(model, batch):
@@ -105,7 +106,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tiny_mo
         loss, count = real(model, batch)
         return (loss * float("nan"), count) if calls["n"] == 5 else (loss, count)
 
-    monkeypatch.setattr(train_module, "lm_loss_sum", poisoned)
+    monkeypatch.setattr(losses_module, "lm_loss_sum", poisoned)
     with pytest.raises(TrainingError, match="loss is nan at step 5.*last good checkpoint is .*step-000004"):
         train(config(tiny_model_dir, data, tmp_path / "out", save_every=2))
     assert latest_checkpoint(tmp_path / "out").name == "step-000004"

@@ -22,8 +22,14 @@ _SAMPLE = 4096
 _CONFIG_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
 
+_PINNED = "_deltaw_fingerprint"
+
+
 def model_fingerprint(model: nn.Module) -> dict[str, str]:
     """{"architecture": ..., "shapes": ..., "weights": ...} for `model` (see the module docstring)."""
+    pinned = model.__dict__.get(_PINNED)
+    if pinned is not None:
+        return dict(pinned)
     config = getattr(model, "config", None)
     numbers = [f"{key}={getattr(config, key, None)}" for key in _CONFIG_FIELDS] if config is not None else []
     architecture = ",".join([type(model).__name__, *numbers])
@@ -31,6 +37,14 @@ def model_fingerprint(model: nn.Module) -> dict[str, str]:
         f"{name}:{module.out_features}x{module.in_features}" for name, module in linear_modules(model).items()
     )
     return {"architecture": architecture, "shapes": _short_hash(shapes.encode()), "weights": _weights_hash(model)}
+
+
+def pin_fingerprint(model: nn.Module) -> dict[str, str]:
+    """Take `model`'s fingerprint now and report it from then on: for a model about to be sharded across
+    processes (FSDP), where no rank holds the whole embedding any more. Returns the fingerprint."""
+    model.__dict__.pop(_PINNED, None)
+    model.__dict__[_PINNED] = model_fingerprint(model)
+    return dict(model.__dict__[_PINNED])
 
 
 def fingerprint_mismatch(expected: dict[str, str], found: dict[str, str]) -> list[str]:

@@ -164,6 +164,27 @@ class NF4Weight(nn.Module):
         for name, buffer in self._buffers.items():
             if buffer is not None:
                 self._buffers[name] = buffer.to(probe.device)
+        for name, param in self._parameters.items():
+            if param is not None and param.device != probe.device:
+                self._parameters[name] = nn.Parameter(param.to(probe.device), requires_grad=False)
+        return self
+
+    def hold_as_parameters(self) -> NF4Weight:
+        """Hold the packed codes and block scales as frozen parameters instead of buffers; returns self.
+
+        FSDP2 (`fully_shard`) shards a module's parameters and never its buffers, so this is what lets each
+        rank keep 1/N of a 4-bit base, as Answer.AI's FSDP+QLoRA stored bitsandbytes' packed weights in a
+        shardable dtype. uint8 parameters suit FSDP2, which all-gathers mixed dtypes as bytes; each tensor
+        is gathered whole (`packed` [n/2] uint8) before `dequantize` reads it, so dequantization is the same
+        block-wise one. The nested code table stays a buffer (one 256-entry table that every layer shares).
+        State-dict keys do not change.
+        """
+        for name in ("packed", "absmax", "nested_absmax"):
+            tensor = self._buffers.pop(name, None)
+            if tensor is None:
+                self.register_buffer(name, None)
+            else:
+                self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
         return self
 
     def block_absmax(self) -> torch.Tensor:

@@ -19,11 +19,13 @@ deltaw's training path holds at its peak, for `batch` x `seq_len` tokens:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from deltaw import compat
 from deltaw.adapters.targets import output_head, select_modules
 from deltaw.models.loading import BUNDLED_NAME, resolve_model_dir
 
@@ -90,33 +92,69 @@ def shape_plan(out_features: int, in_features: int, rank: int, dtype: str = "bf1
     return Plan(f"one linear layer {out_features}x{in_features}, {dtype}", full, rows, 0)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How a run on `world` ranks holds a model, per rank (deltaw.train.parallel).
+
+    DDP (or one process): the whole base on every rank, plus DDP's gradient buckets (a copy of the adapter's
+    gradients). FSDP: 1/world of every parameter, adapter and AdamW state included, plus what a step gathers
+    whole: the root unit (embeddings, final norm, head: everything outside the decoder layers) for the whole
+    step and two decoder layers at a time (the one running and the next, prefetched).
+    """
+
+    world: int = 1
+    fsdp: bool = False
+    layers: int = 1
+
+    def weights(self, layer_bytes: float, root_bytes: float) -> float:
+        """Per-rank bytes of base weights: decoder layers `layer_bytes` (all of them) and the rest `root_bytes`."""
+        if not self.fsdp:
+            return layer_bytes + root_bytes
+        return root_bytes * (1 + 1 / self.world) + layer_bytes * (1 / self.world + 2 / self.layers)
+
+    def trainable(self, nbytes: float) -> float:
+        """Per-rank bytes of a trainable state (weights, gradients or AdamW moments) of `nbytes` in all."""
+        return nbytes / self.world if self.fsdp else nbytes
+
+    def buckets(self, gradient_bytes: float) -> float:
+        """DDP's gradient buckets: one more copy of the gradients it all-reduces (none for FSDP or one process)."""
+        return gradient_bytes if self.world > 1 and not self.fsdp else 0
+
+
 def model_plan(model_name: str, rank: int, targets="all-linear", batch: int = 0, seq_len: int = 0,
-               dtype: str = "bf16") -> Plan:
-    """A whole model: parameters from its config on the meta device, memory for batch x seq_len tokens."""
+               dtype: str = "bf16", world_size: int = 1, fsdp: bool = False) -> Plan:
+    """A whole model: parameters from its config on the meta device, memory for batch x seq_len tokens, per rank
+    of `world_size` (each rank takes ceil(batch / world_size) examples; `fsdp` shards the model)."""
     config = AutoConfig.from_pretrained(resolve_model_dir(model_name))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     params = {id(p): p.numel() for p in model.parameters()}
     total = sum(params.values())
+    in_layers = sum(p.numel() for p in compat.decoder_layers(model).parameters())
     selection = select_modules(model, targets)
     shapes = [model.get_submodule(name).weight.shape for name in selection.modules]
     lora = sum(rank * (out + inp) for out, inp in shapes)
     quantized = sum(out * inp for out, inp in shapes)
-    width = DTYPE_BYTES[dtype]
-    tokens = batch * seq_len
+    width, layout = DTYPE_BYTES[dtype], Layout(world_size, fsdp, config.num_hidden_layers)
+    tokens = math.ceil(batch / world_size) * seq_len
     activations = tokens * config.num_hidden_layers * activation_bytes_per_token(config, seq_len, rank, dtype)
     other = (RUNTIME_BYTES + loss_bytes(config, tokens) + ALLOCATOR_OVERHEAD * activations) if tokens else 0
+    base = layout.weights(in_layers * width, (total - in_layers) * width)
+    nf4 = layout.weights((in_layers - quantized) * width + quantized * NF4_BITS / 8, (total - in_layers) * width)
+    adapter = [layout.trainable(4 * lora), layout.trainable(4 * lora) + layout.buckets(4 * lora),
+               layout.trainable(8 * lora)]  # fp32 weights, gradients (+ DDP buckets), AdamW moments
     rows = [
         # full fine-tuning saves the same layer inputs (for weight gradients) that LoRA saves for A
-        Row("full fine-tuning", total, total * width, total * width, 8 * total, activations, other, total * width),
-        Row(f"LoRA r={rank}", lora, total * width + 4 * lora, 4 * lora, 8 * lora, activations, other, 4 * lora),
-        Row(f"QLoRA r={rank}", lora, (total - quantized) * width + quantized * NF4_BITS / 8 + 4 * lora, 4 * lora,
-            8 * lora, activations, other, 4 * lora),
+        Row("full fine-tuning", total, base, layout.trainable(total * width) + layout.buckets(total * width),
+            layout.trainable(8 * total), activations, other, total * width),
+        Row(f"LoRA r={rank}", lora, base + adapter[0], *adapter[1:], activations, other, 4 * lora),
+        Row(f"QLoRA r={rank}", lora, nf4 + adapter[0], *adapter[1:], activations, other, 4 * lora),
     ]
     head = output_head(model)
+    ranks = f", per rank of {world_size} ({'FSDP' if fsdp else 'DDP'})" if world_size > 1 or fsdp else ""
     title = (f"{model_name}: {total:,} parameters, {len(selection.modules)} target layers "
              f"({'all-linear' if targets == 'all-linear' else targets}, output head {head} excluded), {dtype}"
-             + (f", batch {batch} x {seq_len} tokens" if tokens else ""))
+             + (f", batch {batch} x {seq_len} tokens" if tokens else "") + ranks)
     return Plan(title, total, rows, tokens)
 
 
@@ -162,6 +200,8 @@ class PlanOptions:
         batch: examples per step, for the activation memory (0: weights and optimizer only).
         seq_len: tokens per example, for the activation memory.
         dtype: the base weights' dtype.
+        world_size: training processes (torchrun --nproc-per-node x nodes): the memory shown is per rank.
+        fsdp: the run shards the model across the ranks (deltaw train --fsdp) instead of replicating it (DDP).
     """
 
     model: str = BUNDLED_NAME
@@ -170,6 +210,8 @@ class PlanOptions:
     batch: int = 0
     seq_len: int = 0
     dtype: str = field(default="bf16", metadata={"choices": tuple(DTYPE_BYTES)})
+    world_size: int = 1
+    fsdp: bool = False
 
 
 def plan(options: PlanOptions) -> Plan:
@@ -180,4 +222,10 @@ def plan(options: PlanOptions) -> Plan:
         except ValueError:
             raise ValueError(f"--shape must look like 8192x8192 (out x in), found {options.shape!r}") from None
         return shape_plan(out_features, in_features, options.rank, options.dtype)
-    return model_plan(options.model, options.rank, batch=options.batch, seq_len=options.seq_len, dtype=options.dtype)
+    if options.world_size < 1:
+        raise ValueError(f"--world-size must be a whole number >= 1, found {options.world_size}")
+    if options.batch and options.world_size > options.batch:
+        raise ValueError(f"--batch {options.batch} is split over {options.world_size} ranks: each needs an example; "
+                         f"use --batch >= {options.world_size}")
+    return model_plan(options.model, options.rank, batch=options.batch, seq_len=options.seq_len, dtype=options.dtype,
+                      world_size=options.world_size, fsdp=options.fsdp)

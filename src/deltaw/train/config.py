@@ -9,11 +9,14 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 from deltaw.adapters.lora import LoRAConfig
 from deltaw.adapters.prefix import PrefixConfig
 from deltaw.models.loading import BUNDLED_NAME
 
 TRAIN_DTYPES = ("bf16", "fp32")
+DEVICES = ("cpu", "cuda")
 SCHEDULES = ("cosine", "linear", "constant")
 METHODS = ("lora", "qlora", "prefix")
 # Settings a resumed run must share with the run it continues (with the adapter's config and the data's hash).
@@ -34,7 +37,7 @@ class TrainConfig:
         prefix: the prefix adapter (method prefix).
         steps: optimizer steps (give this or --epochs).
         epochs: passes over the training data (give this or --steps).
-        batch_size: examples per micro-batch.
+        batch_size: examples per micro-batch, over all ranks together under torchrun (each takes its share).
         grad_accum: micro-batches per optimizer step.
         lr: the peak learning rate of AdamW.
         warmup: steps of linear learning-rate warm-up.
@@ -54,6 +57,10 @@ class TrainConfig:
         val_every: steps between validations (0: only at the end).
         skip_bad_lines: skip and count malformed data lines instead of stopping.
         progress: the progress bar.
+        device: where to train: cpu, or cuda (under torchrun each rank takes the GPU its LOCAL_RANK names).
+        fsdp: under torchrun, shard the frozen base (NF4 included) and the adapter across ranks with FSDP2
+            instead of replicating the base on every rank (DDP, the default).
+        dist_timeout: seconds a rank waits for the others in a collective before the run fails (torchrun).
     """
 
     data: str
@@ -84,6 +91,9 @@ class TrainConfig:
     val_every: int = 0
     skip_bad_lines: bool = False
     progress: bool = field(default=True, metadata={"negate": "--no-progress"})
+    device: str = field(default="cpu", metadata={"choices": DEVICES})
+    fsdp: bool = False
+    dist_timeout: float = 1800.0
 
     def check(self) -> None:
         """Raise ValueError naming the flag of the first bad or inconsistent setting (before anything loads)."""
@@ -100,13 +110,18 @@ class TrainConfig:
         _require(self.lr, "--lr", minimum=0, strict=True)
         _require(self.weight_decay, "--weight-decay", minimum=0)
         _require(self.max_grad_norm, "--max-grad-norm", minimum=0, strict=True)
+        _require(self.dist_timeout, "--dist-timeout", minimum=0, strict=True)
         if not 0 <= self.val_split < 1:
             raise ValueError(f"--val-split must be a fraction in [0, 1), found {self.val_split}")
-        for name, allowed in (("schedule", SCHEDULES), ("method", METHODS), ("dtype", TRAIN_DTYPES)):
+        for name, allowed in (("schedule", SCHEDULES), ("method", METHODS), ("dtype", TRAIN_DTYPES),
+                              ("device", DEVICES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {allowed}, found {getattr(self, name)!r}")
         if self.val_data and self.val_split:
             raise ValueError("give --val-data or --val-split, not both")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: this torch sees no CUDA device (torch.cuda.is_available() is False); "
+                             "use --device cpu or a CUDA build of torch")
 
     def adapter(self) -> LoRAConfig | PrefixConfig:
         """The config of the adapter `method` trains."""
@@ -115,7 +130,7 @@ class TrainConfig:
     def record(self) -> dict:
         """The JSON-ready settings a checkpoint and the final adapter record (the adapter's config only)."""
         settings = {key: value for key, value in asdict(self).items() if key not in ("lora", "prefix", "progress",
-                                                                                    "resume")}
+                                                                                    "resume", "dist_timeout")}
         return {**settings, "adapter": self.adapter().to_dict()}
 
 

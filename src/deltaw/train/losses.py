@@ -77,6 +77,23 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum"), targets.numel()
 
 
+class CausalLMLoss(nn.Module):
+    """The training objective as a module: forward(batch) -> (sum of next-token losses, predicted tokens).
+
+    DistributedDataParallel and fully_shard hook a module's forward, and the loss reads the output head's
+    weight outside the model's own forward (`lm_loss_sum`), so the module they wrap is this one.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """input_ids, attention_mask, labels: [B, T] (see `deltaw.train.data.collate`)."""
+        return lm_loss_sum(self.model, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
+
+
 def _head_is_frozen(head: nn.Module) -> bool:
     """True when the head is a plain linear map whose weight gets no gradient: not when LoRA adapts it, nor
     when it follows trainable token rows (a tied head); those take the plain path and train."""
