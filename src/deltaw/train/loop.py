@@ -188,13 +188,13 @@ def _train_step(run: Run) -> dict:
     step_start = time.perf_counter()
     micro = [collate([run.train_examples[i] for i in run.order.batch(state["micro_batch"] + k)], run.pad_id)
              for k in range(config.grad_accum)]
-    loss, tokens = _optimizer_step(run, micro)
+    loss, tokens, grad_norm = _optimizer_step(run, micro)
     state["step"] += 1
     state["micro_batch"] += config.grad_accum
     state["tokens"] += tokens
     elapsed = time.perf_counter() - step_start
     record = {"step": state["step"], "loss": loss, "lr": run.optimizer.param_groups[0]["lr"],
-              "tokens": state["tokens"], "step_time_s": elapsed, "tokens_per_s": tokens / elapsed,
+              "grad_norm": grad_norm, "tokens": state["tokens"], "step_time_s": elapsed, "tokens_per_s": tokens / elapsed,
               "epoch": state["micro_batch"] / run.order.per_epoch}
     due = (config.val_every and state["step"] % config.val_every == 0) or state["step"] == run.total_steps
     if run.val_examples and due:
@@ -228,8 +228,10 @@ def save_trained_adapter(model, out: Path, training: dict) -> None:
     save_adapter(model, out, ADAPTER, metadata={"training": training})
 
 
-def _optimizer_step(run: Run, micro: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
-    """Forward/backward over the micro-batches of one step, then clip and step. Returns (loss, tokens)."""
+def _optimizer_step(run: Run, micro: list[dict[str, torch.Tensor]]) -> tuple[float, int, float]:
+    """Forward/backward over the micro-batches of one step, then clip and step.
+
+    Returns (loss, tokens, the gradient's global norm before clipping)."""
     predicted = sum(int((batch["labels"][:, 1:] != IGNORE).sum()) for batch in micro)
     step = run.state["step"] + 1
     total = 0.0
@@ -246,7 +248,7 @@ def _optimizer_step(run: Run, micro: list[dict[str, torch.Tensor]]) -> tuple[flo
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return total / predicted, sum(int(batch["attention_mask"].sum()) for batch in micro)
+    return total / predicted, sum(int(batch["attention_mask"].sum()) for batch in micro), norm.item()
 
 
 def _fail(what: str, out: Path) -> None:
