@@ -8,7 +8,7 @@ import torch
 import deltaw
 from deltaw import compat
 from deltaw.adapters.prefix import PrefixConfig, add_prefix, prefix_rows, prefix_values, set_prefix_rows
-from deltaw.adapters.prefix.encoder import activation_prefix
+from deltaw.adapters.prefix.encoder import PrefixEncoder, activation_prefix
 from deltaw.adapters.prefix.layout import PrefixShape, join_prefix, split_prefix
 from tests.conftest import make_tiny_llama
 
@@ -177,6 +177,42 @@ def test_projection_trains_through_an_mlp_and_saves_the_final_prefixes(tmp_path,
     deltaw.load_adapter(loaded, tmp_path / "p", "p")
     deltaw.set_adapter(loaded, "p")
     assert (logits(loaded, tokens) - logits(model, tokens)).abs().max() <= 1e-5
+
+
+def projection_step(shape: PrefixShape, hidden: int, lr: float = 1e-3) -> float:
+    """RMS change of a projection's prefixes after one AdamW step at `lr`, divided by lr (a fixed linear loss)."""
+    torch.manual_seed(0)
+    encoder = PrefixEncoder(shape, PrefixConfig(num_virtual_tokens=20, projection=True, projection_hidden=hidden),
+                            torch.float32, torch.device("cpu"))
+    direction = torch.randn(20, shape.width)
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=lr, weight_decay=0.0)
+    before = encoder().detach()
+    (encoder() * direction).sum().backward()
+    optimizer.step()
+    return ((encoder().detach() - before).pow(2).mean().sqrt() / lr).item()
+
+
+def test_one_optimizer_step_moves_projected_prefixes_by_a_few_lr():
+    """A direct prefix moves by lr per AdamW step; through PEFT's MLP with nn.Linear's weights a step moves the
+    bundled model's prefixes by ~53·lr (training at lr 1e-3 then blows up). Equalized: a few lr."""
+    bundled = PrefixShape(num_layers=30, num_kv_heads=3, head_dim=64)
+    steps = {hidden: projection_step(bundled, hidden) for hidden in (64, 512)}
+    assert all(1.0 < step < 6.0 for step in steps.values()), steps
+
+
+def test_projection_starts_as_peft_init_and_runs_in_fp32_under_autocast():
+    shape = PrefixShape(num_layers=30, num_kv_heads=3, head_dim=64)
+    torch.manual_seed(0)
+    encoder = PrefixEncoder(shape, PrefixConfig(num_virtual_tokens=20, projection=True, projection_hidden=512),
+                            torch.float32, torch.device("cpu"))
+    torch.manual_seed(0)
+    peft_like = torch.nn.Sequential(torch.nn.Linear(shape.token_dim, 512), torch.nn.Tanh(),
+                                    torch.nn.Linear(512, shape.width))  # PEFT's transform, nn.Linear's init
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        prefixes = encoder()
+        reference = peft_like(torch.randn(20, shape.token_dim)).float()
+    assert prefixes.dtype == torch.float32
+    assert abs(prefixes.std() / reference.std() - 1) < 0.1, (prefixes.std(), reference.std())
 
 
 def test_prefix_adapters_live_in_the_adapter_registry(tokens):

@@ -56,6 +56,46 @@ def test_projection_run_resumed_after_interruption_gives_the_uninterrupted_losse
     assert saved["prefix_projection"] is False and saved["deltaw"]["projection_hidden"] == 16
 
 
+CLASS_WORDS = (("bad", "awful", "poor", "dull", "weak", "sad"), ("good", "great", "fine", "nice", "bright", "happy"))
+LABELS = (" negative", " positive")
+
+
+def classification_prompt(word: str) -> str:
+    return " ".join([word] * 3)  # ends on the word: a random 2-layer model carries it best from there
+
+
+def label_accuracy(model_dir, adapter_dir, flipped: bool) -> float:
+    """The share of the 12 prompts whose right label token outscores the other, with the saved adapter."""
+    model, tokenizer = deltaw.load_model(model_dir)
+    deltaw.load_adapter(model, adapter_dir, "trained")
+    deltaw.set_adapter(model, "trained")
+    label_ids = [tokenizer(label, add_special_tokens=False)["input_ids"][0] for label in LABELS]
+    correct = 0
+    for label, words in enumerate(CLASS_WORDS):
+        for word in words:
+            ids = torch.tensor([tokenizer(classification_prompt(word), add_special_tokens=False)["input_ids"]])
+            with torch.no_grad():
+                scores = model(input_ids=ids).logits[0, -1, label_ids]
+            correct += int(scores.argmax()) == label ^ flipped
+    return correct / sum(len(words) for words in CLASS_WORDS)
+
+
+def test_projection_training_learns_a_two_class_task(tiny_model_dir, tmp_path):
+    """The label depends on the prompt's word, and each labelling and its flip are trained. A prefix that
+    ignores the prompt scores 0.5 on both; the random base's own leaning scores s on one and
+    1 - s on the other: only a prefix that learned the task averages clearly above 0.5."""
+    scores = []
+    for flipped in (False, True):
+        records = [{"prompt": classification_prompt(word), "completion": LABELS[label ^ flipped]}
+                   for _ in range(4) for label, words in enumerate(CLASS_WORDS) for word in words]
+        data = write_jsonl(tmp_path / f"classes-{flipped}.jsonl", records)
+        out = tmp_path / f"out-{flipped}"
+        prefix = {"num_virtual_tokens": 8, "projection": True, "projection_hidden": 32}
+        train(config(tiny_model_dir, data, out, prefix=prefix, steps=60, batch_size=8, lr=5e-2, dtype="bf16"))
+        scores.append(label_accuracy(tiny_model_dir, out, flipped))
+    assert sum(scores) / 2 >= 0.7, scores  # measured: 0.79, 0.88, 0.79 with seeds 0, 1, 2
+
+
 def test_bad_prefix_settings_are_refused_before_loading_anything(tmp_path):
     for prefix, message in [({"num_virtual_tokens": 0}, "num_virtual_tokens must be a positive integer"),
                             ({"projection": True, "init": "activations"}, "--prefix-init random")]:

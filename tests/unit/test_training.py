@@ -68,7 +68,9 @@ def test_training_learns_and_writes_adapter_metrics_and_plot(tiny_model_dir, dat
     result = train(config(tiny_model_dir, data, tmp_path / "out", steps=30, val_split=0.2, val_every=10, lr=3e-2, lora={"rank": 8}))
     records = read_metrics(tmp_path / "out" / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 31))
-    assert all({"step", "loss", "lr", "tokens", "step_time_s", "tokens_per_s"} <= r.keys() for r in records)
+    keys = {"step", "loss", "lr", "grad_norm", "tokens", "step_time_s", "tokens_per_s"}
+    assert all(keys <= r.keys() for r in records)
+    assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in records)
     assert [r["step"] for r in records if "val_loss" in r] == [10, 20, 30]
     assert records[-1]["loss"] < 0.5 * records[0]["loss"]
     assert records[-1]["val_loss"] < records[9]["val_loss"]

@@ -232,13 +232,14 @@ def _train_step(run: Run) -> dict:
     for k in range(config.grad_accum):
         indices, counts = run.ranks.share(run.order.batch(state["micro_batch"] + k))
         micro.append((_on(run, collate([run.train_examples[i] for i in indices], run.pad_id)), counts))
-    loss, tokens = _optimizer_step(run, micro)
+    loss, tokens, grad_norm = _optimizer_step(run, micro)
     state["step"] += 1
     state["micro_batch"] += config.grad_accum
     state["tokens"] += tokens
     elapsed = time.perf_counter() - step_start
     record = {"step": state["step"], "loss": loss, "lr": run.optimizer.param_groups[0]["lr"],
-              "tokens": state["tokens"], "step_time_s": elapsed, "tokens_per_s": tokens / elapsed,
+              "grad_norm": grad_norm, "tokens": state["tokens"], "step_time_s": elapsed,
+              "tokens_per_s": tokens / elapsed,
               "epoch": state["micro_batch"] / run.order.per_epoch}
     due = (config.val_every and state["step"] % config.val_every == 0) or state["step"] == run.total_steps
     if run.val_examples and due:
@@ -279,9 +280,9 @@ def save_trained_adapter(model, out: Path, training: dict) -> None:
     save_adapter(model, out, ADAPTER, metadata={"training": training})
 
 
-def _optimizer_step(run: Run, micro: list[tuple[dict[str, torch.Tensor], bool]]) -> tuple[float, int]:
+def _optimizer_step(run: Run, micro: list[tuple[dict[str, torch.Tensor], bool]]) -> tuple[float, int, float]:
     """Forward/backward over this rank's micro-batches of one step, then clip and step. Returns (loss, tokens)
-    of the whole step, all ranks together.
+    of the whole step, all ranks together, and the gradient's global norm before clipping.
 
     Each micro-batch's loss sum is divided by the label tokens of the whole step (summed over ranks) and the
     gradients are summed over ranks, so the update is the one a single process computes on all the examples.
@@ -308,7 +309,7 @@ def _optimizer_step(run: Run, micro: list[tuple[dict[str, torch.Tensor], bool]])
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return loss, tokens
+    return loss, tokens, norm.item()
 
 
 def _fail(what: str, out: Path) -> None:

@@ -14,8 +14,8 @@ class PrefixConfig:
     Attributes:
         num_virtual_tokens: T, the key/value vectors prepended at every attention layer.
         projection: train the prefixes through an MLP (embedding [T, token_dim] -> Linear -> Tanh -> Linear
-            -> [T, layers·2·token_dim]), as the prefix-tuning paper and PEFT's prefix_projection do; the
-            saved adapter holds the prefixes the MLP produced.
+            -> [T, layers·2·token_dim]), as the prefix-tuning paper and PEFT's prefix_projection do, with an
+            equalized learning rate (PrefixEncoder says why); the saved adapter holds the prefixes the MLP produced.
         projection_hidden: the hidden size of that MLP (PEFT's encoder_hidden_size).
         init: "activations": the base model's own keys and values of the first T training tokens, so the
             prefix starts as that real prompt would; "random": N(0, 1), as PEFT. Default: activations when

@@ -20,8 +20,21 @@ class PrefixEncoder(nn.Module):
     """One prefix adapter's trainable parameters; forward() gives its prefixes [T, layers·2·token_dim].
 
     Direct: `prompt_embeddings` [T, width] are the prefixes, N(0, 1) at first (as PEFT's nn.Embedding).
-    Reparameterized (config.projection), as PEFT's prefix_projection: `embedding` [T, token_dim] ->
-    Linear(token_dim, hidden) -> Tanh -> Linear(hidden, width), initialised as nn.Linear is.
+    Reparameterized (config.projection), PEFT's prefix_projection MLP with an equalized learning rate:
+
+        embedding [T, token_dim] -> Linear(token_dim, hidden) -> Tanh -> Linear(hidden, width) -> [T, width]
+        each Linear is  x · (weight / sqrt(fan_in))ᵀ + bias,  weight ~ U(-1, 1), bias ~ U(±1/sqrt(fan_in))
+
+    so the MLP starts exactly as nn.Linear's init (PEFT's), but the 1/sqrt(fan_in) is a constant of the
+    forward, not part of the weight (the "equalized learning rate" of Karras et al., 2018). Why: AdamW moves
+    every weight by about lr a step whatever its gradient's size, and a prefix value sums 512 hidden
+    units, so with nn.Linear's weights one step at lr 1e-3 moves the prefixes by ~53·lr (RMS) on the
+    bundled model, 5x the step that trains the direct prefixes well (lr 1e-2), and training blows up
+    (loss spikes, then a prefix that ignores the input). Equalized, a step moves them by ~3·lr.
+    PEFT's own loop hides the problem only when nothing clips its first gradient (norm ~100, later ~1):
+    AdamW's second moment then remembers it and shrinks every later step; clipping to 1.0 (deltaw's
+    default, and HF Trainer's) removes that accident. The MLP runs in its parameters' dtype (fp32 in
+    training), outside autocast, so training sees the prefixes that are saved.
     """
 
     def __init__(self, shape: PrefixShape, config: PrefixConfig, dtype: torch.dtype, device: torch.device) -> None:
@@ -38,9 +51,9 @@ class PrefixEncoder(nn.Module):
             return
         # plain parameters, not nn.Linear: the model's linear layers stay exactly the base model's
         self.embedding = parameter(tokens, shape.token_dim)
-        self.hidden_weight = parameter(hidden, shape.token_dim, bound=shape.token_dim**-0.5)
+        self.hidden_weight_unit = parameter(hidden, shape.token_dim, bound=1.0)
         self.hidden_bias = parameter(hidden, bound=shape.token_dim**-0.5)
-        self.output_weight = parameter(shape.width, hidden, bound=hidden**-0.5)
+        self.output_weight_unit = parameter(shape.width, hidden, bound=1.0)
         self.output_bias = parameter(shape.width, bound=hidden**-0.5)
 
     @property
@@ -51,8 +64,14 @@ class PrefixEncoder(nn.Module):
         """The prefixes [T, layers·2·token_dim]."""
         if not self.config.projection:
             return self.prompt_embeddings
-        hidden = torch.tanh(F.linear(self.embedding, self.hidden_weight, self.hidden_bias))
-        return F.linear(hidden, self.output_weight, self.output_bias)
+        with torch.autocast(self.embedding.device.type, enabled=False):
+            hidden = torch.tanh(equalized_linear(self.embedding, self.hidden_weight_unit, self.hidden_bias))
+            return equalized_linear(hidden, self.output_weight_unit, self.output_bias)
+
+
+def equalized_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x · (weight / sqrt(fan_in))ᵀ + bias. x: [T, fan_in]; weight: [out, fan_in]; bias: [out] -> [T, out]."""
+    return F.linear(x, weight * weight.shape[1] ** -0.5, bias)
 
 
 @dataclass(frozen=True)
