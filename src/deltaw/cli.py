@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = build(settings, args)
         if isinstance(getattr(options, "out", None), str):
-            check_output_dir(options.out)
+            check_output_dir(options.out, is_file=getattr(options, "OUT_IS_FILE", False))
         result = run(options)
         if result is not None and args.command not in QUIET:
             print(result)
@@ -106,11 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def check_output_dir(out: str) -> None:
-    """Raise ValueError unless `out` is, or can become, a directory this process may write into: its
-    nearest existing ancestor must be a directory, writable (not on a read-only file system, not
-    immutable, not forbidden)."""
+def check_output_dir(out: str, is_file: bool = False) -> None:
+    """Raise ValueError unless `out` is, or can become, a directory this process may write into (or, with
+    `is_file`, a file in such a directory; whether an existing file may be replaced is the command's
+    business): the nearest existing ancestor must be a directory, writable (not on a read-only file system,
+    not immutable, not forbidden)."""
     existing = Path(out).expanduser().absolute()
+    if is_file:
+        existing = existing.parent
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():

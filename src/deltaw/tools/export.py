@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from transformers import AutoConfig
 
@@ -39,6 +40,8 @@ class ExportOptions:
     model: str | None = field(default=None, metadata={
         "default_help": f"the adapter's base_model_name_or_path, else {BUNDLED_NAME}"})
     overwrite: bool = False
+
+    OUT_IS_FILE: ClassVar[bool] = True  # the CLI checks --out's directory, not --out itself
 
 
 def export_adapter(options: ExportOptions) -> GGUFReport:
