@@ -148,10 +148,10 @@ def rank_device(device: str, local_rank: int) -> torch.device:
     """
     if device != "cuda":
         return torch.device(device)
-    count, local_world = torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
-    if max(local_world, local_rank + 1) > count:
+    count, here = torch.cuda.device_count(), max(int(os.environ.get("LOCAL_WORLD_SIZE", 0)), local_rank + 1)
+    if here > count:
         raise ValueError(f"--device cuda: each rank takes the GPU its LOCAL_RANK names, but this machine runs "
-                         f"{max(local_world, local_rank + 1)} ranks (this one LOCAL_RANK {local_rank}) and torch "
+                         f"{here} ranks (this one LOCAL_RANK {local_rank}) and torch "
                          f"sees {count} CUDA device(s); start at most {count} per machine (torchrun "
                          f"--nproc-per-node {count}) or train with --device cpu")
     return torch.device("cuda", local_rank)
