@@ -1,10 +1,11 @@
 """One rank of the 2-process runs tests/integration/test_distributed.py checks (started by torchrun, gloo on CPU).
 
-    torchrun --nproc-per-node 2 -m tests.integration.distributed_worker MODEL_DIR DATA OUT
+    torchrun --nproc-per-node 2 -m tests.integration.distributed_worker MODEL_DIR TIED_MODEL_DIR DATA OUT
 
 Joins one process group and runs `deltaw train` (the CLI entry point, in this process) once per scenario,
 so the ranks pay for starting Python and importing torch once; then checks how DDP and FSDP2 lay out a
 model. Writes OUT/rank<r>.json: per scenario the exit code, stdout and stderr of this rank, and the layout.
+The scenarios in ON_TIED train TIED_MODEL_DIR (the same tiny Llama with its head tied to its embedding).
 """
 
 from __future__ import annotations
@@ -35,9 +36,21 @@ SCENARIOS = {
     "fsdp-lora": ["--batch-size", "2", "--grad-accum", "2", "--fsdp"],  # sharded gradients accumulate
     "fsdp-qlora": ["--method", "qlora", "--batch-size", "4", "--fsdp", "--gradient-checkpointing"],
     "ddp-prefix": ["--method", "prefix", "--batch-size", "4"],
+    # the newer adapter kinds under FSDP2: DoRA's magnitudes on a sharded NF4 base, embedding LoRA and trainable
+    # token rows on a sharded embedding that a tied head shares, prefixes with and without their MLP
+    "fsdp-qlora-dora": ["--method", "qlora", "--use-dora", "--batch-size", "4", "--fsdp"],
+    "fsdp-embedding": ["--targets", ".*embed_tokens", ".*q_proj", "--batch-size", "4", "--fsdp"],
+    "fsdp-tokens": ["--trainable-tokens", "<|im_start|>,<|im_end|>", "--batch-size", "4", "--fsdp"],
+    "fsdp-prefix": ["--method", "prefix", "--batch-size", "4", "--fsdp"],
+    "fsdp-prefix-projection": ["--method", "prefix", "--prefix-projection", "--projection-hidden", "16",
+                               "--batch-size", "4", "--fsdp"],
 }
+ON_TIED = {"fsdp-embedding", "fsdp-tokens"}
 # name -> flags of a one-process run the test rewinds to its step-3 checkpoint; the 2 ranks resume it
-RESUMED = {"resume-1-on-2": ["--batch-size", "4", "--save-every", "3"]}
+RESUMED = {
+    "resume-1-on-2": ["--batch-size", "4", "--save-every", "3"],
+    "resume-1-on-2-fsdp": ["--batch-size", "4", "--save-every", "3", "--fsdp"],
+}
 # name -> flags of runs that must stop on every rank with a clear error (DATA is replaced per rank)
 FAILURES = {
     "batch-below-world": ["--batch-size", "1"],
@@ -47,6 +60,11 @@ FAILURES = {
 
 def argv(model: str, data: str, out: Path, flags: list[str]) -> list[str]:
     return ["train", "--model", model, "--data", data, "--out", str(out), *COMMON, *flags]
+
+
+def model_for(name: str, model: str, tied: str) -> str:
+    """The model scenario `name` trains: `tied` for those in ON_TIED, else `model`."""
+    return tied if name in ON_TIED else model
 
 
 def run_cli(arguments: list[str]) -> dict:
@@ -76,10 +94,11 @@ def layouts(model_dir: str) -> dict:
     }
 
 
-def main(model: str, data: str, out: str) -> None:
+def main(model: str, tied: str, data: str, out: str) -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank, root = dist.get_rank(), Path(out)
-    results = {name: run_cli(argv(model, data, root / name, flags)) for name, flags in SCENARIOS.items()}
+    results = {name: run_cli(argv(model_for(name, model, tied), data, root / name, flags))
+               for name, flags in SCENARIOS.items()}
     for name, flags in RESUMED.items():
         results[name] = run_cli(argv(model, data, root / name, [*flags, "--resume"]))
     for name, flags in FAILURES.items():
@@ -91,4 +110,4 @@ def main(model: str, data: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

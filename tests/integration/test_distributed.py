@@ -18,13 +18,15 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
+from transformers import AutoConfig, LlamaForCausalLM
 
 from deltaw import cli
 from deltaw.train.checkpoint import latest_checkpoint
 from deltaw.train.metrics import read_metrics
 from tests.conftest import chat, write_jsonl
-from tests.integration.distributed_worker import RESUMED, SCENARIOS, argv
+from tests.integration.distributed_worker import RESUMED, SCENARIOS, argv, model_for
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH_TIMEOUT = 420  # seconds for a whole torchrun job on a busy 2-core machine; a hang fails here
@@ -59,10 +61,21 @@ def one_process(arguments: list[str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def references(tiny_model_dir, data, tmp_path_factory) -> Path:
+def tied_model_dir(tiny_model_dir, tokenizer, tmp_path_factory) -> Path:
+    """The tiny Llama of `tiny_model_dir` with its output head tied to its input embedding."""
+    path = tmp_path_factory.mktemp("tiny-tied-model")
+    config = AutoConfig.from_pretrained(tiny_model_dir, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def references(tiny_model_dir, tied_model_dir, data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("one-process")
     for name, flags in {**SCENARIOS, **RESUMED}.items():
-        one_process(argv(str(tiny_model_dir), data, out / name, flags))
+        one_process(argv(model_for(name, str(tiny_model_dir), str(tied_model_dir)), data, out / name, flags))
     return out
 
 
@@ -78,10 +91,12 @@ def rewind(finished: Path, to: Path, step: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tiny_model_dir, data, references, tmp_path_factory) -> tuple[Path, list[dict]]:
+def two_ranks(tiny_model_dir, tied_model_dir, data, references, tmp_path_factory) -> tuple[Path, list[dict]]:
     out = tmp_path_factory.mktemp("two-ranks")
-    rewind(references / "resume-1-on-2", out / "resume-1-on-2", step=3)
-    done = torchrun("-m", "tests.integration.distributed_worker", str(tiny_model_dir), data, str(out))
+    for name in RESUMED:
+        rewind(references / name, out / name, step=3)
+    done = torchrun("-m", "tests.integration.distributed_worker", str(tiny_model_dir), str(tied_model_dir), data,
+                    str(out))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return out, [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
@@ -113,12 +128,13 @@ def test_two_ranks_train_the_adapter_one_process_trains(name, two_ranks, referen
     assert "trained 6 steps" in ranks[0][name]["stdout"] and ranks[1][name]["stdout"] == ""  # rank 1 prints nothing
 
 
-def test_two_ranks_resume_a_one_process_checkpoint(two_ranks, references):
+@pytest.mark.parametrize("name", list(RESUMED))
+def test_two_ranks_resume_a_one_process_checkpoint(name, two_ranks, references):
     out, ranks = two_ranks
-    assert [ranks[r]["resume-1-on-2"]["code"] for r in (0, 1)] == [0, 0], ranks[1]["resume-1-on-2"]["stderr"]
-    assert "resuming a 1-process run on 2" in ranks[0]["resume-1-on-2"]["stdout"]
-    assert_same_run(references / "resume-1-on-2", out / "resume-1-on-2")
-    state = json.loads((latest_checkpoint(out / "resume-1-on-2") / "state.json").read_text())
+    assert [ranks[r][name]["code"] for r in (0, 1)] == [0, 0], ranks[0][name]["stderr"] + ranks[1][name]["stderr"]
+    assert "resuming a 1-process run on 2" in ranks[0][name]["stdout"]
+    assert_same_run(references / name, out / name)
+    state = json.loads((latest_checkpoint(out / name) / "state.json").read_text())
     assert state["step"] == 6 and state["world_size"] == 2
 
 

@@ -164,3 +164,13 @@ def test_llamacpp_bad_scale_lists_are_refused(server, body, fragment):
     _, http, _, _, _ = server
     assert_openai_error(http.post("/lora-adapters", json=body), 400, None, fragment)
     assert [item["scale"] for item in http.get("/lora-adapters").json()] == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("scale", [1e30, -100.5])
+def test_llamacpp_scales_are_bounded_as_mix_weights(server, scale):
+    _, http, _, _, _ = server
+    response = http.post("/lora-adapters", json=[{"id": 0, "scale": 0.5}, {"id": 1, "scale": scale}])
+    assert_openai_error(response, 400, "1.scale", f"1.scale: {scale:g} is outside [-100, 100]")
+    assert [item["scale"] for item in http.get("/lora-adapters").json()] == [0.0, 0.0]
+    assert http.post("/lora-adapters", json=[{"id": 1, "scale": -100}]).json() == {"success": True}  # the bound
+    http.post("/lora-adapters", json=[])

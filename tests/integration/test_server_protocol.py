@@ -63,6 +63,7 @@ BAD_CHAT = [
     ({**CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
     ({**CHAT, "lora": {"id": 0, "scale": 1}}, "lora", "'lora' must be an array of objects with 'id' and 'scale'"),
     ({**CHAT, "lora": [{"id": 0}]}, "lora.0.scale", "missing"),
+    ({**CHAT, "model": "tiny", "lora": [{"id": 0, "scale": 1e30}]}, "lora.0.scale", "1e+30 is outside [-100, 100]"),
     ({**CHAT, "model": "tiny", "lora": [{"id": 9, "scale": 1.0}]}, "lora", "no adapter has id 9"),
     ({**CHAT, "lora": [{"id": 0, "scale": 1.0}]}, "lora", "set 'model' to the base model's name"),
     ({**CHAT, "stream": "yes please"}, "stream", "valid boolean"),

@@ -14,7 +14,7 @@ from deltaw import cli
 from deltaw.adapters.fingerprint import model_fingerprint, pin_fingerprint
 from deltaw.quant.linear import NF4Linear, quantized_layers
 from deltaw.train.checkpoint import latest_checkpoint
-from deltaw.train.distributed import Ranks, check_launch
+from deltaw.train.distributed import Ranks, check_launch, rank_device
 from deltaw.tools.plan import Layout, PlanOptions, plan
 from tests.conftest import chat, write_jsonl
 
@@ -62,6 +62,29 @@ def test_device_cuda_without_a_gpu_is_refused_with_the_fix(tiny_model_dir, tmp_p
     config = deltaw.train.TrainConfig(data="d", out=str(tmp_path), steps=1, device="cuda")
     with pytest.raises(ValueError, match="--device cuda: this torch sees no CUDA device.*use --device cpu"):
         config.check()
+
+
+@pytest.mark.parametrize(("local_rank", "local_world"), [(0, "2"), (1, "2"), (1, None)])
+def test_device_cuda_with_more_ranks_than_gpus_stops_every_rank_with_one_line(
+        tiny_model_dir, tmp_path, monkeypatch, capsys, local_rank, local_world):
+    """Each rank of `torchrun --nproc-per-node 2` on a 1-GPU machine, the one with a GPU too, stops before it
+    joins the process group (which would wait for the other) with exit 2 and the fix."""
+    for name, value in {"WORLD_SIZE": "2", "RANK": str(local_rank), "LOCAL_RANK": str(local_rank),
+                        "LOCAL_WORLD_SIZE": local_world}.items():
+        monkeypatch.setenv(name, value) if value else monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: pytest.fail("joined the group"))
+    data = write_jsonl(tmp_path / "d.jsonl", [chat("Hi?", "Hello.")])
+    code = cli.main(["train", "--model", str(tiny_model_dir), "--data", data, "--out", str(tmp_path / "o"),
+                     "--steps", "1", "--device", "cuda", "--no-progress"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in error, error
+    assert "this machine runs 2 ranks (this one LOCAL_RANK " in error and "torch sees 1 CUDA device(s)" in error
+    assert error.endswith("(torchrun --nproc-per-node 1) or train with --device cpu")
+    assert not (tmp_path / "o").exists()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # enough GPUs: this rank takes its own
+    assert rank_device("cuda", local_rank) == torch.device("cuda", local_rank)
 
 
 def test_a_checkpoint_records_the_world_size(tiny_model_dir, tmp_path):

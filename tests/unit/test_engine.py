@@ -228,6 +228,32 @@ def test_a_row_with_non_finite_logits_or_a_failing_sampler_ends_alone(engine, mo
     assert sum(engine.bank._users) == 0
 
 
+def test_a_row_whose_prompt_logprobs_fail_ends_alone(engine, monkeypatch):
+    """A row failing in its prompt logprobs ends alone: a neighbour decoding already, and one prefilled with it
+    (also asking for prompt logprobs), finish exactly as they do alone."""
+    greedy, echo = SamplingParams(max_tokens=12), SamplingParams(max_tokens=12, prompt_logprobs=1)
+    solo = [run(engine, PROMPTS[0], "attn", greedy), run(engine, PROMPTS[1], "full", echo)]
+    record = engine_module.prompt_logprobs
+
+    def failing_for_k_2(logits, prompt, k):
+        if k == 2:
+            raise RuntimeError("prompt logprobs failure")
+        return record(logits, prompt, k)
+
+    monkeypatch.setattr(engine_module, "prompt_logprobs", failing_for_k_2)
+    running = engine.submit(PROMPTS[0], "attn", greedy)
+    first = running.next_event(timeout=60)
+    with engine._wakeup:  # the two newcomers are queued together, so they are prefilled in one group
+        bad = engine.submit(PROMPTS[2], MIX, SamplingParams(max_tokens=12, prompt_logprobs=2))
+        neighbour = engine.submit(PROMPTS[1], "full", echo)
+    with pytest.raises(RuntimeError, match="prompt logprobs failure"):
+        bad.result()
+    assert [first.token_id] + [e.token_id for e in running if e.token_id is not None] == solo[0]
+    assert [e.token_id for e in neighbour if e.token_id is not None] == solo[1]
+    assert [entry and entry.token_id for entry in neighbour.prompt_logprobs] == [None, *PROMPTS[1][1:]]
+    assert sum(engine.bank._users) == 0
+
+
 MIX = {"attn": 0.5, "full": 0.5}
 SUBMIT_STEPS = [  # what submit goes through, in order; each is made to fail in turn
     "deltaw.serve.engine.RequestHandle",

@@ -242,9 +242,22 @@ class Engine:
             self._cache, self._mask = join(self._cache, self._mask, cache, mask)
             self._rows += newcomers
         if echo:
-            _record_prompt_logprobs(newcomers, logits)
+            self._record_prompt_logprobs(newcomers, logits)
         self._sample(newcomers, logits[:, -1], first=True)
         self._drop_finished()
+
+    def _record_prompt_logprobs(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Give each row that asked for them its prompt's logprobs; logits: [rows, columns, vocab], left-padded.
+        A row whose logprobs fail ends alone with finish_reason "error"; the other rows go on."""
+        for index, row in enumerate(rows):
+            if row.params.prompt_logprobs is None:
+                continue
+            try:
+                prompt = row.prompt_ids
+                row.handle.prompt_logprobs = prompt_logprobs(logits[index, -len(prompt):], prompt,
+                                                             row.params.prompt_logprobs)
+            except Exception as exc:  # noqa: BLE001 - this row's request is bad; the batch runs on
+                self._finish(row, "error", exc)
 
     def _decode(self) -> None:
         rows = self._rows
@@ -274,6 +287,8 @@ class Engine:
         greedy = logits.argmax(dim=-1).tolist()
         finite = torch.isfinite(logits).all(dim=-1).tolist()
         for index, row in enumerate(rows):
+            if row.finished:  # failed earlier in this step (its prompt logprobs)
+                continue
             try:
                 if not finite[index]:
                     raise ValueError("the model computed non-finite logits (NaN or infinity) for this request; "
@@ -359,15 +374,6 @@ def prefill_groups(rows: list[_Row], vocab_size: int) -> list[list[_Row]]:
         group.append(row)
         longest = widest
     return groups + ([group] if group else [])
-
-
-def _record_prompt_logprobs(rows: list[_Row], logits: torch.Tensor) -> None:
-    """Give each row that asked for them its prompt's logprobs; logits: [rows, columns, vocab], left-padded."""
-    for index, row in enumerate(rows):
-        if row.params.prompt_logprobs is not None:
-            prompt = row.prompt_ids
-            row.handle.prompt_logprobs = prompt_logprobs(logits[index, -len(prompt):], prompt,
-                                                         row.params.prompt_logprobs)
 
 
 def _token_logprob(row: _Row, logits: torch.Tensor, token: int) -> TokenLogprob | None:

@@ -17,7 +17,7 @@ import json
 
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from deltaw.adapters.state import check_adapter_name
 from deltaw.serve.admin import bank_call, not_base
@@ -26,6 +26,7 @@ from deltaw.serve.protocol import LORA_FIELD_ERROR, APIError, LoraScale
 from deltaw.serve.state import ServerState
 
 router = APIRouter()
+SCALE_LIST = TypeAdapter(list[LoraScale])
 
 
 class LoadLoRAAdapterRequest(BaseModel):
@@ -94,11 +95,21 @@ async def set_lora_adapters(request: Request) -> dict:
     if not isinstance(body, list):
         raise APIError(400, "Request body must be an array", code="invalid_lora")
     try:
-        mix = lora_mix(state.lora_table, state.bank.names(), [LoraScale.model_validate(item) for item in body])
+        mix = lora_mix(state.lora_table, state.bank.names(), SCALE_LIST.validate_python(body))
         state.bank.resolve(mix_choice(mix))
-    except ValidationError:
-        raise APIError(400, LORA_FIELD_ERROR.replace("'lora'", "the body"), code="invalid_lora") from None
+    except ValidationError as exc:
+        raise _scale_list_error(exc) from None
     except (ValueError, KeyError) as exc:  # an unknown id, a kind that cannot mix, an adapter gone meanwhile
         raise APIError(400, str(exc), code="invalid_lora") from None
     state.lora_table.set_scales(mix)
     return {"success": True}
+
+
+def _scale_list_error(exc: ValidationError) -> APIError:
+    """A 400 for a bad POST /lora-adapters body: an out-of-range scale names its entry ("0.scale"); any other
+    problem (a missing key, a scale that is not a number) gets llama-server's message."""
+    first = exc.errors()[0]
+    if first["type"] != "value_error":
+        return APIError(400, LORA_FIELD_ERROR.replace("'lora'", "the body"), code="invalid_lora")
+    param = ".".join(str(part) for part in first["loc"])
+    return APIError(400, f"{param}: {first['msg'].removeprefix('Value error, ')}", param, "invalid_lora")

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from deltaw.serve.engine import MAX_MIX_WEIGHT
 from deltaw.serve.logprobs import MAX_LOGPROBS
 
 # Fields OpenAI defines that deltaw does not implement, with the value that means "off".
@@ -45,10 +46,19 @@ class StreamOptions(BaseModel):
 
 class LoraScale(BaseModel):
     """One entry of llama.cpp's `lora` list: the adapter with this id (GET /lora-adapters) at this scale. Other
-    keys are ignored, as llama-server does (a client may send back the entries GET /lora-adapters listed)."""
+    keys are ignored, as llama-server does (a client may send back the entries GET /lora-adapters listed). A
+    scale is bounded as a mix weight in `model` is: [-MAX_MIX_WEIGHT, MAX_MIX_WEIGHT]."""
 
     id: int
     scale: float = Field(allow_inf_nan=False)
+
+    @field_validator("scale")
+    @classmethod
+    def _bounded(cls, scale: float) -> float:
+        if abs(scale) > MAX_MIX_WEIGHT:
+            raise ValueError(f"{scale:g} is outside [-{MAX_MIX_WEIGHT:g}, {MAX_MIX_WEIGHT:g}], the bound of every "
+                             "adapter's weight in a mix")
+        return scale
 
 
 class SamplingRequest(BaseModel):

@@ -127,8 +127,7 @@ def start_ranks(device: str, timeout_s: float) -> Ranks:
     launched = "WORLD_SIZE" in os.environ
     if not launched and not (dist.is_available() and dist.is_initialized()):
         return Ranks(device=torch.device(device))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    target = torch.device("cuda", local_rank) if device == "cuda" else torch.device(device)
+    target = rank_device(device, int(os.environ.get("LOCAL_RANK", 0)))
     if target.type == "cuda":
         torch.cuda.set_device(target)
     owns = not dist.is_initialized()
@@ -136,6 +135,26 @@ def start_ranks(device: str, timeout_s: float) -> Ranks:
         dist.init_process_group(backend=BACKENDS[target.type], timeout=timedelta(seconds=timeout_s),
                                 device_id=target if target.type == "cuda" else None)
     return Ranks(dist.get_rank(), dist.get_world_size(), target, owns)
+
+
+def rank_device(device: str, local_rank: int) -> torch.device:
+    """This rank's device under torchrun: `device` "cpu", or for "cuda" the GPU `local_rank` names.
+
+    Raises:
+        ValueError: "cuda" with more ranks on this machine than CUDA devices. The ranks cannot share this
+            failure (NCCL needs a GPU per rank for any collective), so each decides alone, from the same
+            numbers: torchrun's LOCAL_WORLD_SIZE and the device count, and every rank of the machine stops
+            with the same message instead of waiting for the ones without a GPU.
+    """
+    if device != "cuda":
+        return torch.device(device)
+    count, here = torch.cuda.device_count(), max(int(os.environ.get("LOCAL_WORLD_SIZE", 0)), local_rank + 1)
+    if here > count:
+        raise ValueError(f"--device cuda: each rank takes the GPU its LOCAL_RANK names, but this machine runs "
+                         f"{here} ranks (this one LOCAL_RANK {local_rank}) and torch "
+                         f"sees {count} CUDA device(s); start at most {count} per machine (torchrun "
+                         f"--nproc-per-node {count}) or train with --device cpu")
+    return torch.device("cuda", local_rank)
 
 
 def check_launch(ranks: Ranks, batch_size: int, fsdp: bool) -> None:
