@@ -19,8 +19,10 @@ from deltaw.tools.eval import EvalOptions, ExampleScore, evaluate, run_eval
 from deltaw.tools.eval_backends import EvalServerError, Reply, ServerBackend, Target, parse_reply
 from deltaw.tools.eval_data import EvalExample, load_eval_data
 from deltaw.train.data import DataError, load_jsonl
+from deltaw.train.config import TrainConfig
 from deltaw.train.loop import evaluate as training_loss
-from tests.conftest import randomize_lora_b, write_jsonl
+from deltaw.train.loop import train
+from tests.conftest import chat, randomize_lora_b, write_jsonl
 from tests.integration.serving import API_KEY, running_server
 
 QUESTIONS = ["Is fire hot? Answer yes or no:", "Is ice hot? Answer yes or no:", "Do fish swim? Answer yes or no:"]
@@ -62,6 +64,20 @@ def test_loss_is_the_training_loss(setup):
     assert losses == pytest.approx({"base": base, "sharp": sharp}, abs=1e-4)
     assert report.targets[0].perplexity == pytest.approx(math.exp(base), rel=1e-4)
     assert abs(base - sharp) > 0.01  # the adapter matters
+
+
+def test_a_trained_dora_adapter_scores_the_validation_loss_training_reported(setup, tmp_path):
+    model_dir = setup[0]
+    records = [chat(f"What is {i} plus {i}?", f"Arr, {i} plus {i} be {2 * i}, matey!") for i in range(12)]
+    data, held_out = write_jsonl(tmp_path / "train.jsonl", records[:8]), write_jsonl(tmp_path / "val.jsonl", records[8:])
+    result = train(TrainConfig(model=str(model_dir), data=data, val_data=held_out, out=str(tmp_path / "dora"), steps=4,
+                               batch_size=4, lr=2e-2, seq_len=64, lora=deltaw.LoRAConfig(rank=4, alpha=8, use_dora=True),
+                               dtype="fp32", progress=False))
+    report = run_eval(EvalOptions(data=held_out, model=str(model_dir), adapter=[f"dora={tmp_path / 'dora'}"],
+                                  max_new_tokens=2, seq_len=64))
+    losses = {target.name: target.loss for target in report.targets}
+    assert losses["dora"] == pytest.approx(result.final_val_loss, abs=1e-4)
+    assert abs(losses["base"] - losses["dora"]) > 0.01  # the adapter (its magnitudes included) is applied
 
 
 def test_answers_and_choice_picks_follow_the_models_own_greedy_tokens(setup):

@@ -162,6 +162,30 @@ def test_the_bank_serves_a_gguf_adapter(tmp_path):
         assert torch.allclose(bank.model(TOKENS).logits, logits, atol=1e-5)
 
 
+def test_a_gguf_adapter_next_to_a_dora_adapter_gives_its_own_logits(tmp_path):
+    gguf_dir, gguf_logits = adapted(make_tiny_llama(), deltaw.LoRAConfig(rank=4, alpha=8), tmp_path / "g")
+    write_gguf(read_lora_adapter(gguf_dir), make_tiny_llama().config, tmp_path / "g.gguf")
+    torch.manual_seed(1)
+    dora_dir, dora_logits = adapted(make_tiny_llama(), deltaw.LoRAConfig(rank=2, alpha=8, use_dora=True), tmp_path / "d")
+    assert not torch.allclose(gguf_logits, dora_logits, atol=1e-3)
+    model = make_tiny_llama()
+    for name, path in [("gguf", tmp_path / "g.gguf"), ("dora", dora_dir)]:
+        deltaw.load_adapter(model, path, name)
+    for name, expected in [("gguf", gguf_logits), ("dora", dora_logits)]:
+        deltaw.set_adapter(model, name)
+        with torch.no_grad():
+            assert torch.allclose(model(TOKENS).logits, expected, atol=1e-5), name
+
+    bank = AdapterBank(make_tiny_llama(), max_resident=2)  # and as two rows of one served batch
+    bank.load("dora", dora_dir)
+    bank.load("gguf", tmp_path / "g.gguf")
+    with torch.no_grad():
+        bank.set_routing([bank.acquire("gguf"), bank.acquire("dora")])
+        together = bank.model(TOKENS.repeat(2, 1)).logits
+    assert torch.allclose(together[0], gguf_logits[0], atol=1e-5)
+    assert torch.allclose(together[1], dora_logits[0], atol=1e-5)
+
+
 def test_describe_names_the_format(tmp_path):
     model = make_tiny_llama()
     directory, _ = adapted(model, deltaw.LoRAConfig(rank=4, alpha=8), tmp_path / "a")
