@@ -121,6 +121,36 @@ def test_a_running_deltaw_serve_gives_the_same_report(setup):
             (s.answer, s.first_token, s.pick) for s in here.examples]
 
 
+def test_a_weighted_mix_is_scored_on_a_deltaw_server_by_name(setup):
+    model_dir, adapters, data, tokenizer = setup
+    model, _ = deltaw.load_model(model_dir)
+    with running_server(model, tokenizer, "tiny", adapters, ["sharp"], max_model_len=96) as (url, _):
+        backend = ServerBackend(url, API_KEY, concurrency=3)
+        targets = backend.targets(["sharp*0.5", "sharp"])
+        assert targets[1].fields == {"model": "sharp*0.5"}
+        by_list = Target("by-list", fields={"model": "tiny", "lora": [{"id": 0, "scale": 0.5}]})
+        report = evaluate(backend, load_eval_data(data, tokenizer, 64), targets + [by_list], tokenizer, 4)
+    base, half, full, listed = (target.loss for target in report.targets)
+    assert half == pytest.approx(listed, abs=1e-5)
+    assert min(abs(half - base), abs(half - full)) > 0.01  # neither the base nor the whole adapter
+
+
+def test_a_weighted_mix_for_llama_server_is_a_lora_list_with_its_scales():
+    class LlamaServer(ServerBackend):  # what llama-server lists: no adapter models, adapters by file
+        def _request(self, method, path, body=None):
+            return {"/v1/models": {"data": [{"id": "base.gguf"}]},
+                    "/lora-adapters": [{"id": 0, "path": "/a/pirate.gguf", "scale": 0.0},
+                                       {"id": 1, "path": "/a/robot.gguf", "scale": 0.0}]}[path]
+
+    targets = LlamaServer("http://x").targets(["pirate*0.5+robot*0.25", "robot"])
+    assert [target.fields["lora"] for target in targets] == [
+        [{"id": 0, "scale": 0.0}, {"id": 1, "scale": 0.0}], [{"id": 0, "scale": 0.5}, {"id": 1, "scale": 0.25}],
+        [{"id": 0, "scale": 0.0}, {"id": 1, "scale": 1.0}]]
+    assert {target.fields["model"] for target in targets} == {"base.gguf"}
+    with pytest.raises(EvalServerError, match=r"named 'pirate\*0.5\+parrot' \(nor a mix of them"):
+        LlamaServer("http://x").targets(["pirate*0.5+parrot"])
+
+
 def test_a_server_without_prompt_logprobs_reports_no_loss():
     class NoEcho:  # llama-server refuses echo ("Only no echo is supported")
         def complete_many(self, jobs):
