@@ -117,11 +117,11 @@ class ServerBackend:
         model_ids = {model["id"] for model in models}
         targets = [Target("base", fields={"model": base_model, **_lora_fields(listed, {})})] if base else []
         for name in adapters:
-            mix = _mix_of(name, base_model)
-            if name in model_ids or (mix and set(mix) <= model_ids):  # deltaw serve takes a mix as its `model`
+            members = _mix_of(name, base_model) or {name: 1.0}
+            if members.keys() <= model_ids:  # a model, or a mix of models (deltaw serve takes one as its `model`)
                 targets.append(Target(name, fields={"model": name}))
-            elif (mix or {name: 1.0}).keys() <= by_name.keys():
-                scales = {by_name[member]: weight for member, weight in (mix or {name: 1.0}).items()}
+            elif members.keys() <= by_name.keys():
+                scales = {by_name[member]: weight for member, weight in members.items()}
                 targets.append(Target(name, fields={"model": base_model, **_lora_fields(listed, scales)}))
             else:
                 raise EvalServerError(f"--adapter {name}: {self.url} serves no model or llama.cpp adapter named "
