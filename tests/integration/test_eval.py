@@ -19,8 +19,10 @@ from deltaw.tools.eval import EvalOptions, ExampleScore, evaluate, run_eval
 from deltaw.tools.eval_backends import EvalServerError, Reply, ServerBackend, Target, parse_reply
 from deltaw.tools.eval_data import EvalExample, load_eval_data
 from deltaw.train.data import DataError, load_jsonl
+from deltaw.train.config import TrainConfig
 from deltaw.train.loop import evaluate as training_loss
-from tests.conftest import randomize_lora_b, write_jsonl
+from deltaw.train.loop import train
+from tests.conftest import chat, randomize_lora_b, write_jsonl
 from tests.integration.serving import API_KEY, running_server
 
 QUESTIONS = ["Is fire hot? Answer yes or no:", "Is ice hot? Answer yes or no:", "Do fish swim? Answer yes or no:"]
@@ -64,6 +66,20 @@ def test_loss_is_the_training_loss(setup):
     assert abs(base - sharp) > 0.01  # the adapter matters
 
 
+def test_a_trained_dora_adapter_scores_the_validation_loss_training_reported(setup, tmp_path):
+    model_dir = setup[0]
+    records = [chat(f"What is {i} plus {i}?", f"Arr, {i} plus {i} be {2 * i}, matey!") for i in range(12)]
+    data, held_out = write_jsonl(tmp_path / "train.jsonl", records[:8]), write_jsonl(tmp_path / "val.jsonl", records[8:])
+    result = train(TrainConfig(model=str(model_dir), data=data, val_data=held_out, out=str(tmp_path / "dora"), steps=4,
+                               batch_size=4, lr=2e-2, seq_len=64, lora=deltaw.LoRAConfig(rank=4, alpha=8, use_dora=True),
+                               dtype="fp32", progress=False))
+    report = run_eval(EvalOptions(data=held_out, model=str(model_dir), adapter=[f"dora={tmp_path / 'dora'}"],
+                                  max_new_tokens=2, seq_len=64))
+    losses = {target.name: target.loss for target in report.targets}
+    assert losses["dora"] == pytest.approx(result.final_val_loss, abs=1e-4)
+    assert abs(losses["base"] - losses["dora"]) > 0.01  # the adapter (its magnitudes included) is applied
+
+
 def test_answers_and_choice_picks_follow_the_models_own_greedy_tokens(setup):
     model_dir, _, data, tokenizer = setup
     report = local_report(setup)
@@ -103,6 +119,36 @@ def test_a_running_deltaw_serve_gives_the_same_report(setup):
         assert there.loss == pytest.approx(here.loss, abs=1e-4)
         assert [(s.answer, s.first_token, s.pick) for s in there.examples] == [
             (s.answer, s.first_token, s.pick) for s in here.examples]
+
+
+def test_a_weighted_mix_is_scored_on_a_deltaw_server_by_name(setup):
+    model_dir, adapters, data, tokenizer = setup
+    model, _ = deltaw.load_model(model_dir)
+    with running_server(model, tokenizer, "tiny", adapters, ["sharp"], max_model_len=96) as (url, _):
+        backend = ServerBackend(url, API_KEY, concurrency=3)
+        targets = backend.targets(["sharp*0.5", "sharp"])
+        assert targets[1].fields == {"model": "sharp*0.5"}
+        by_list = Target("by-list", fields={"model": "tiny", "lora": [{"id": 0, "scale": 0.5}]})
+        report = evaluate(backend, load_eval_data(data, tokenizer, 64), targets + [by_list], tokenizer, 4)
+    base, half, full, listed = (target.loss for target in report.targets)
+    assert half == pytest.approx(listed, abs=1e-5)
+    assert min(abs(half - base), abs(half - full)) > 0.01  # neither the base nor the whole adapter
+
+
+def test_a_weighted_mix_for_llama_server_is_a_lora_list_with_its_scales():
+    class LlamaServer(ServerBackend):  # what llama-server lists: no adapter models, adapters by file
+        def _request(self, method, path, body=None):
+            return {"/v1/models": {"data": [{"id": "base.gguf"}]},
+                    "/lora-adapters": [{"id": 0, "path": "/a/pirate.gguf", "scale": 0.0},
+                                       {"id": 1, "path": "/a/robot.gguf", "scale": 0.0}]}[path]
+
+    targets = LlamaServer("http://x").targets(["pirate*0.5+robot*0.25", "robot"])
+    assert [target.fields["lora"] for target in targets] == [
+        [{"id": 0, "scale": 0.0}, {"id": 1, "scale": 0.0}], [{"id": 0, "scale": 0.5}, {"id": 1, "scale": 0.25}],
+        [{"id": 0, "scale": 0.0}, {"id": 1, "scale": 1.0}]]
+    assert {target.fields["model"] for target in targets} == {"base.gguf"}
+    with pytest.raises(EvalServerError, match=r"named 'pirate\*0.5\+parrot' \(nor a mix of them"):
+        LlamaServer("http://x").targets(["pirate*0.5+parrot"])
 
 
 def test_a_server_without_prompt_logprobs_reports_no_loss():

@@ -15,7 +15,7 @@ import deltaw
 from deltaw.tools.eval import evaluate
 from deltaw.tools.eval_backends import ServerBackend
 from deltaw.tools.export import ExportOptions, export_adapter
-from tests.conftest import randomize_lora_b
+from tests.conftest import make_tiny_llama, randomize_lora_b
 from tests.peers.conftest import MAX_NEW_TOKENS, assert_as_often_as_the_bases, compare
 from tests.peers.engines import CONVERTER, llama_server, llama_version, require
 
@@ -46,6 +46,25 @@ def test_export_is_llamacpps_converter_output_and_its_output_loads_in_deltaw(tmp
         deltaw.load_adapter(fresh, theirs, "converted")
         deltaw.set_adapter(fresh, "converted")
         assert torch.allclose(fresh(ids).logits, expected, atol=1e-4)
+
+
+def test_an_untied_embedding_lora_exports_as_llamacpps_converter_writes_it(tmp_path):
+    """llama.cpp's converter transposes the embedding's A ([vocab, r], rows gathered per token): deltaw's export
+    holds the same tensors, bit for bit (a tiny untied Llama: the bundled model's head is tied)."""
+    model = make_tiny_llama()
+    model.save_pretrained(tmp_path / "base")
+    deltaw.add_lora(model, deltaw.LoRAConfig(rank=4, alpha=8, targets=["model.embed_tokens", r".*\.v_proj"]), "a")
+    randomize_lora_b(model, "a", std=0.3)
+    model.model.embed_tokens.lora_embedding_A["a"].data.normal_(0.0, 0.5)  # a fresh embedding A is zero
+    directory = deltaw.save_adapter(model, tmp_path / "embedding", "a")
+    theirs, ours = tmp_path / "theirs.gguf", tmp_path / "ours.gguf"
+    subprocess.run([sys.executable, str(require(CONVERTER)), "--base", str(tmp_path / "base"), "--outtype", "f32",
+                    "--outfile", str(theirs), str(directory)], check=True, capture_output=True)
+    export_adapter(ExportOptions(adapter=str(directory), out=str(ours), model=str(tmp_path / "base")))
+    tensors = [{t.name: t for t in gguf.GGUFReader(path).tensors} for path in (theirs, ours)]
+    assert sorted(tensors[0]) == sorted(tensors[1]) and "token_embd.weight.lora_a" in tensors[0]
+    for name, tensor in tensors[0].items():
+        assert tensor.tensor_type == tensors[1][name].tensor_type and np.array_equal(tensor.data, tensors[1][name].data)
 
 
 def test_llama_server_answers_as_deltaw(pirate, reference, base_gguf, tmp_path):

@@ -7,8 +7,10 @@
 In llama-server every request runs the base model plus the adapters at their scales. deltaw maps such a
 list onto its exact weighted mix of LoRA deltas, computed per batch row (so requests with different
 lists share a batch). Where deltaw differs, it says so instead of guessing: an unknown id is a 400 (llama-
-server ignores it), and the server-wide scales start at 0 (llama-server starts them at 1), so the base
-model's name keeps meaning the base model until a client sets them.
+server ignores it), the server-wide scales start at 0 (llama-server starts them at 1), so the base
+model's name keeps meaning the base model until a client sets them, and only adapters that can be part of a
+mix (LoRA, DoRA, embedding LoRA, token rows) get an id: a prefix adapter is not listed (llama-server lists
+LoRA adapters only) and is used by naming it in `model`.
 """
 
 from __future__ import annotations
@@ -55,18 +57,31 @@ class LoraTable:
             return {name: scale for name, scale in self._scales.items() if name in names and scale != 0}
 
 
-def lora_mix(table: LoraTable, names: list[str], entries: list[LoraScale]) -> dict[str, float]:
+def lora_names(bank: AdapterBank) -> list[str]:
+    """The served adapters a `lora` list can hold: those a weighted mix may contain (not prefix adapters)."""
+    names = []
+    for name in bank.names():
+        try:
+            if bank.kind(name).mixable:
+                names.append(name)
+        except KeyError:  # unloaded meanwhile
+            continue
+    return names
+
+
+def lora_mix(table: LoraTable, bank: AdapterBank, entries: list[LoraScale]) -> dict[str, float]:
     """{name: scale} for a `lora` list (zero scales dropped; for a repeated id the last wins, as llama-server).
 
     Raises:
-        ValueError: an id that names no served adapter.
+        ValueError: an id that names no served adapter that can be mixed.
     """
-    by_id = {index: name for name, index in table.ids(names).items()}
+    by_id = {index: name for name, index in table.ids(lora_names(bank)).items()}
     mix: dict[str, float] = {}
     for entry in entries:
         if entry.id not in by_id:
             served = ", ".join(f"{index} ({name})" for index, name in by_id.items()) or "none"
-            raise ValueError(f"no adapter has id {entry.id}; the served ids (GET /lora-adapters) are: {served}")
+            raise ValueError(f"no adapter has id {entry.id}; the served ids (GET /lora-adapters) are: {served} "
+                             "(a prefix adapter has no id: name it in 'model' instead)")
         mix[by_id[entry.id]] = entry.scale
     return {name: scale for name, scale in mix.items() if scale != 0}
 
@@ -92,7 +107,7 @@ def request_choice(table: LoraTable, bank: AdapterBank, choice: AdapterChoice,
         if choice is not None:
             raise ValueError("'lora' lists adapters to add to the base model: set 'model' to the base model's name, "
                              "or leave out 'lora' and name the adapter in 'model'")
-        return mix_choice(lora_mix(table, bank.names(), lora))
+        return mix_choice(lora_mix(table, bank, lora))
     if choice is None:
-        return mix_choice(table.server_mix(bank.names()))
+        return mix_choice(table.server_mix(lora_names(bank)))
     return choice

@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from deltaw.adapters.state import check_adapter_name
 from deltaw.serve.admin import bank_call, not_base
-from deltaw.serve.llamacpp import lora_mix, mix_choice
+from deltaw.serve.llamacpp import lora_mix, lora_names, mix_choice
 from deltaw.serve.protocol import LORA_FIELD_ERROR, APIError, LoraScale
 from deltaw.serve.state import ServerState
 
@@ -77,11 +77,11 @@ async def unload_lora_adapter(request: Request, body: UnloadLoRAAdapterRequest) 
 
 @router.get("/lora-adapters")
 async def get_lora_adapters(request: Request) -> list[dict]:
-    """llama-server's adapter list; `name` (deltaw's) is an extra field."""
+    """llama-server's adapter list (the adapters a `lora` list can hold); `name` (deltaw's) is an extra field."""
     state = _state(request)
     table = state.lora_table
     return [{"id": index, "path": str(state.bank.path(name)), "scale": table.scale(name), "task_name": "",
-             "prompt_prefix": "", "name": name} for name, index in table.ids(state.bank.names()).items()]
+             "prompt_prefix": "", "name": name} for name, index in table.ids(lora_names(state.bank)).items()]
 
 
 @router.post("/lora-adapters")
@@ -95,7 +95,7 @@ async def set_lora_adapters(request: Request) -> dict:
     if not isinstance(body, list):
         raise APIError(400, "Request body must be an array", code="invalid_lora")
     try:
-        mix = lora_mix(state.lora_table, state.bank.names(), SCALE_LIST.validate_python(body))
+        mix = lora_mix(state.lora_table, state.bank, SCALE_LIST.validate_python(body))
         state.bank.resolve(mix_choice(mix))
     except ValidationError as exc:
         raise _scale_list_error(exc) from None

@@ -6,7 +6,9 @@ two requests per example and target, with token-id prompts so every engine sees 
     answer:  prompt = the example's prompt, greedy           -> the text, and the first token's top 20
 
 A server selects a target by `model` (deltaw, vLLM) or, for llama-server, by an explicit `lora` list
-(every adapter listed, the target's at scale 1), so its server-wide scales never leak in.
+(every adapter listed, the target's at scale 1), so its server-wide scales never leak in. A weighted mix
+("a*0.5+b*0.5") goes as `model` to a server that lists its members as models (deltaw serve), else as a
+`lora` list with those scales.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deltaw.serve.bank import AdapterChoice
-from deltaw.serve.engine import Engine, SamplingParams
+from deltaw.serve.engine import Engine, SamplingParams, parse_adapter_choice
 from deltaw.serve.logprobs import MAX_LOGPROBS, TokenLogprob, token_text
 
 
@@ -112,16 +114,19 @@ class ServerBackend:
             raise EvalServerError(f"{self.url}/v1/models lists no base model (one without a parent)")
         listed = self._lora_adapters()
         by_name = {entry.get("name") or Path(entry["path"]).stem: entry["id"] for entry in listed}
-        targets = [Target("base", fields={"model": base_model, **_lora_fields(listed, None)})] if base else []
+        model_ids = {model["id"] for model in models}
+        targets = [Target("base", fields={"model": base_model, **_lora_fields(listed, {})})] if base else []
         for name in adapters:
-            if name in {model["id"] for model in models}:
+            members = _mix_of(name, base_model) or {name: 1.0}
+            if members.keys() <= model_ids:  # a model, or a mix of models (deltaw serve takes one as its `model`)
                 targets.append(Target(name, fields={"model": name}))
-            elif name in by_name:
-                targets.append(Target(name, fields={"model": base_model, **_lora_fields(listed, by_name[name])}))
+            elif members.keys() <= by_name.keys():
+                scales = {by_name[member]: weight for member, weight in members.items()}
+                targets.append(Target(name, fields={"model": base_model, **_lora_fields(listed, scales)}))
             else:
                 raise EvalServerError(f"--adapter {name}: {self.url} serves no model or llama.cpp adapter named "
-                                      f"{name!r}; models: {[m['id'] for m in models]}, "
-                                      f"lora-adapters: {sorted(by_name)}")
+                                      f"{name!r} (nor a mix of them such as 'a*0.5+b*0.5'); models: "
+                                      f"{sorted(model_ids)}, lora-adapters: {sorted(by_name)}")
         return targets
 
     def _lora_adapters(self) -> list[dict]:
@@ -169,11 +174,21 @@ class ServerBackend:
                                   "running, and is --url right?") from None
 
 
-def _lora_fields(listed: list[dict], chosen: int | None) -> dict:
-    """An explicit llama.cpp `lora` list: every adapter at 0 but `chosen` at 1 ({} when the server has none)."""
+def _mix_of(name: str, base_model: str) -> dict[str, float] | None:
+    """{member: weight} when `name` is a weighted mix ("a*0.5+b*0.5", deltaw serve's syntax), else None."""
+    try:
+        choice = parse_adapter_choice(name, base_model)
+    except ValueError:
+        return None
+    return choice if isinstance(choice, dict) else None
+
+
+def _lora_fields(listed: list[dict], scales: dict[int, float]) -> dict:
+    """An explicit llama.cpp `lora` list: every listed adapter at its scale in `scales` ({id: scale}), the others
+    at 0 ({} when the server lists none)."""
     if not listed:
         return {}
-    return {"lora": [{"id": entry["id"], "scale": 1.0 if entry["id"] == chosen else 0.0} for entry in listed]}
+    return {"lora": [{"id": entry["id"], "scale": scales.get(entry["id"], 0.0)} for entry in listed]}
 
 
 def parse_reply(choice: dict, echoed: int) -> Reply:

@@ -48,8 +48,8 @@ def export_adapter(options: ExportOptions) -> GGUFReport:
     """Write `options.adapter` as a llama.cpp LoRA GGUF; refuses what that format cannot hold.
 
     Raises:
-        AdapterFormatError: a prefix-tuning or DoRA adapter, a module llama.cpp has no tensor for, or a
-            base model that does not match the adapter.
+        AdapterFormatError: a prefix-tuning or DoRA adapter, token rows, a LoRA on a tied embedding, a module
+            llama.cpp has no tensor for, or a base model that does not match the adapter.
         FileExistsError: --out exists and --overwrite was not given.
     """
     if options.format not in FORMATS:

@@ -6,11 +6,17 @@
         adapter.lora.alpha     α (float32): llama.cpp scales each pair by α / r_pair
         deltaw.metadata        deltaw's own facts (fingerprint, training record) as JSON; llama.cpp ignores it
     tensors  <base tensor>.lora_a [r, in], <base tensor>.lora_b [out, r]    (gguf_layout.py has the names)
+             token_embd.weight.lora_a [vocab, r], .lora_b [dim, r]           a LoRA on an untied embedding
 
 deltaw's scaling may differ per module (rsLoRA's α/√r, rank_pattern, alpha_pattern) where llama.cpp has
 one α. Writing folds the difference into B: B' = B · scaling · r / α, so llama.cpp's α/r·B'·A equals
 deltaw's scaling·B·A in every layer (for a plain adapter the factor is exactly 1 and B is written as is).
 Reading gives each module llama.cpp's own scale (α / r, or 1 when the file has no α).
+
+An embedding's pair is stored as llama.cpp's converter writes it: A transposed ([vocab, r], whose rows
+llama.cpp gathers per token), B as is; llama.cpp adds s·B·A[:, token] to the input embedding, as deltaw
+and PEFT do. Only an untied embedding is written: where the output head is the embedding's own tensor,
+llama.cpp would apply the pair to the head as well, where its shapes do not fit.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from deltaw.adapters.files import AdapterFormatError, deltaw_section
 from deltaw.adapters.lora.files import AdapterFile, lora_config_dict, module_scaling
 from deltaw.adapters.lora.gguf_layout import (
     ARCHITECTURES,
+    EMBEDDING_MODULE,
     GGUFArchitecture,
     architecture_for,
     from_llamacpp_rows,
@@ -91,7 +98,7 @@ def write_gguf(adapter: AdapterFile, base_config: object, out: str | os.PathLike
         arch = architecture_for(model_type)
     except ValueError as exc:
         raise AdapterFormatError(f"{adapter.path}: {exc}") from None
-    _check_exportable(adapter)
+    _check_exportable(adapter, base_config, arch)
     alpha = float(adapter.config["lora_alpha"])
     tensors, folded = {}, 0
     for module, (lora_a, lora_b) in adapter.weights.items():
@@ -103,26 +110,30 @@ def write_gguf(adapter: AdapterFile, base_config: object, out: str | os.PathLike
         heads = rope_heads(name, base_config) if arch.permute_qk else None
         if heads is not None:
             lora_b = to_llamacpp_rows(_check_heads(adapter, module, lora_b, heads), heads)
+        if module in adapter.embeddings:
+            lora_a = lora_a.T
         tensors[f"{name}.lora_a"], tensors[f"{name}.lora_b"] = lora_a.float(), lora_b
     metadata = json.dumps(deltaw_section(adapter.config), sort_keys=True)
     _write(Path(out), arch.name, alpha, tensors, outtype, adapter.path.name, metadata)
     return GGUFReport(Path(out), arch.name, alpha, len(adapter.weights), folded, outtype, Path(out).stat().st_size)
 
 
-def _check_exportable(adapter: AdapterFile) -> None:
+def _check_exportable(adapter: AdapterFile, base_config: object, arch: GGUFArchitecture) -> None:
     """Refuse the parts of a LoRA file that llama.cpp's adapter format cannot hold."""
+    tied = getattr(base_config, "tie_word_embeddings", True) or not arch.untied_output
     parts = [(adapter.magnitudes, "DoRA magnitudes (use_dora)", "merge it into the base (deltaw merge) and "
               "convert the merged model"),
              (adapter.tokens, "trainable token rows", "merge it into the base (deltaw merge) and convert the "
               "merged model"),
-             (adapter.embeddings, "a LoRA on the embedding", "retrain without the embedding in --target, or merge "
-              "it (deltaw merge) and convert the merged model"),
+             (adapter.embeddings if tied else (), "a LoRA on an embedding tied to the output head (llama.cpp "
+              "would apply it to the head too)", "retrain without the embedding in --target, or merge it "
+              "(deltaw merge) and convert the merged model"),
              (adapter.base_copies, "copies of base modules (modules_to_save)", "merge it and convert the merged "
               "model")]
     for present, what, fix in parts:
         if present:
-            raise AdapterFormatError(f"{adapter.path}: llama.cpp's LoRA GGUF holds plain LoRA pairs only; this "
-                                     f"adapter has {what} ({', '.join(sorted(present)[:3])}); {fix}")
+            raise AdapterFormatError(f"{adapter.path}: llama.cpp's LoRA GGUF cannot hold {what} "
+                                     f"({', '.join(sorted(present)[:3])}); {fix}")
 
 
 def _gguf_name(adapter: AdapterFile, module: str, arch: GGUFArchitecture) -> str:
@@ -211,7 +222,7 @@ class GGUFAdapterFile(AdapterFile):
             if heads is not None and lora_b.shape[0] % (2 * heads) == 0:  # else plan_load reports the shape
                 lora_b = from_llamacpp_rows(lora_b, heads)
             weights[module] = (lora_a, lora_b)
-        return AdapterFile(path=self.path, config=self.config, weights=weights)
+        return AdapterFile(path=self.path, config=self.config, weights=weights, embeddings=set(self.embeddings))
 
 
 def is_gguf(path: str | os.PathLike) -> bool:
@@ -237,6 +248,7 @@ def read_gguf_adapter(path: str | os.PathLike) -> GGUFAdapterFile:
                                  f"found {architecture!r}")
     alpha = float(fields.get(LORA_ALPHA) or 0.0)
     weights = _pair_tensors(path, {tensor.name: tensor for tensor in reader.tensors})
+    embeddings = {EMBEDDING_MODULE} & set(weights)
     types = tuple(sorted({tensor.tensor_type.name for tensor in reader.tensors}))
     ranks = {module: a.shape[0] for module, (a, _) in weights.items()}
     config = lora_config_dict(
@@ -245,8 +257,8 @@ def read_gguf_adapter(path: str | os.PathLike) -> GGUFAdapterFile:
         target_modules="|".join(re.escape(module) for module in sorted(weights)),
         deltaw=_metadata(path, fields.get(DELTAW_METADATA)),
     )
-    return GGUFAdapterFile(path=path, config=config, weights=weights, architecture=architecture, alpha=alpha,
-                           tensor_types=types)
+    return GGUFAdapterFile(path=path, config=config, weights=weights, embeddings=embeddings,
+                           architecture=architecture, alpha=alpha, tensor_types=types)
 
 
 def describe_gguf(adapter: GGUFAdapterFile) -> str:
@@ -293,7 +305,8 @@ def _metadata(path: Path, text: object) -> dict:
 
 
 def _pair_tensors(path: Path, tensors: dict[str, object]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """module path -> (A [r, in], B [out, r]) as float32, from `<base tensor>.lora_a/.lora_b` pairs."""
+    """module path -> (A [r, in], B [out, r]) as float32, from `<base tensor>.lora_a/.lora_b` pairs (the
+    embedding's A stored transposed, [vocab, r], comes back as [r, vocab])."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         base, suffix = name[:-7], name[-7:]
@@ -301,8 +314,8 @@ def _pair_tensors(path: Path, tensors: dict[str, object]) -> dict[str, tuple[tor
         if module is None:
             raise AdapterFormatError(
                 f"{path}: tensor {name!r} is not a LoRA pair deltaw reads: expected '<base tensor>.lora_a' or "
-                "'.lora_b' on a decoder layer's attention or MLP projection, or on 'output.weight' (token "
-                "embedding adapters and norm vectors are not supported)"
+                "'.lora_b' on a decoder layer's attention or MLP projection, on 'output.weight' or on "
+                "'token_embd.weight' (norm vectors are not supported)"
             )
         pairs.setdefault(module, {})[suffix] = _tensor_data(path, name, tensor)
     if not pairs:
@@ -314,9 +327,13 @@ def _pair_tensors(path: Path, tensors: dict[str, object]) -> dict[str, tuple[tor
             if suffix not in pair:
                 raise AdapterFormatError(f"{path}: tensor '{base}{suffix}' is missing (LoRA tensors come in pairs)")
         lora_a, lora_b = pair[".lora_a"], pair[".lora_b"]
+        embedding = module == EMBEDDING_MODULE
+        shapes = f"'{base}.lora_a' {list(lora_a.shape)} and '.lora_b' {list(lora_b.shape)}"
+        if embedding and lora_a.ndim == 2:
+            lora_a = lora_a.T.contiguous()
         if lora_a.ndim != 2 or lora_b.ndim != 2 or lora_a.shape[0] != lora_b.shape[1]:
-            raise AdapterFormatError(f"{path}: '{base}.lora_a' {list(lora_a.shape)} and '.lora_b' "
-                                     f"{list(lora_b.shape)} are not a LoRA pair (expected [r, in] and [out, r])")
+            expected = "[vocab, r] and [dim, r]" if embedding else "[r, in] and [out, r]"
+            raise AdapterFormatError(f"{path}: {shapes} are not a LoRA pair (expected {expected})")
         for suffix, tensor in zip(SUFFIXES, (lora_a, lora_b)):
             if not torch.isfinite(tensor).all():
                 raise AdapterFormatError(f"{path}: tensor '{base}{suffix}' contains NaN or Inf values")

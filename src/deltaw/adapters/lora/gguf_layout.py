@@ -4,6 +4,8 @@
     model.layers.7.self_attn.q_proj  A [r, in], B [out, r] blk.7.attn_q.weight.lora_a [r, in]  (ggml ne = [in, r])
                                                            blk.7.attn_q.weight.lora_b [out, r] (ggml ne = [r, out])
     lm_head                                                output.weight.lora_a / .lora_b
+    model.embed_tokens  lora_embedding_A [r, vocab]        token_embd.weight.lora_a [vocab, r] (A transposed:
+                        lora_embedding_B [dim, r]          llama.cpp gathers its rows per token), .lora_b [dim, r]
 
 llama.cpp scales every pair by `adapter.lora.alpha / r` (r = the pair's own rank, lora_b's ne[0]), or by 1
 when the file has no alpha. Its llama-family graphs apply RoPE to adjacent dimension pairs (2i, 2i+1)
@@ -57,7 +59,8 @@ LAYER_TENSORS: dict[str, str] = {  # module path inside decoder layer N -> llama
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
-MODEL_TENSORS: dict[str, str] = {"lm_head": "output"}  # modules outside the decoder layers
+OUTPUT_MODULE, EMBEDDING_MODULE = "lm_head", "model.embed_tokens"
+MODEL_TENSORS: dict[str, str] = {OUTPUT_MODULE: "output", EMBEDDING_MODULE: "token_embd"}  # outside the layers
 LAYERS_PREFIX = "model.layers"
 ROPE_PERMUTED = {"attn_q": "num_attention_heads", "attn_k": "num_key_value_heads"}  # tensor -> its head count
 
@@ -81,8 +84,10 @@ def tensor_name(module: str, arch: GGUFArchitecture | None = None) -> str | None
 
     "model.layers.3.mlp.down_proj" -> "blk.3.ffn_down.weight"; "lm_head" -> "output.weight".
     """
+    if module == OUTPUT_MODULE and arch is not None and not arch.untied_output:
+        return None
     if module in MODEL_TENSORS:
-        return None if arch is not None and not arch.untied_output else f"{MODEL_TENSORS[module]}.weight"
+        return f"{MODEL_TENSORS[module]}.weight"
     match = _LAYER_MODULE.fullmatch(module)
     if match is None or match["path"] not in LAYER_TENSORS:
         return None
