@@ -1,8 +1,5 @@
 """The `deltaw` command end to end on the bundled model: merge (export) and inspect, and its errors."""
 
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,13 +7,9 @@ from transformers import AutoModelForCausalLM
 
 import deltaw
 from tests.conftest import randomize_lora_b
+from tests.cli import run_cli as run
 
 pytestmark = pytest.mark.slow
-DELTAW = str(Path(sys.executable).parent / "deltaw")
-
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([DELTAW, *args], capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -1,21 +1,15 @@
 """`deltaw train --method prefix` on the bundled model, then `inspect` and `generate --adapter` on its output."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from deltaw.train.metrics import read_metrics
+from tests.cli import run_cli as run
 
 pytestmark = pytest.mark.slow
-DELTAW = str(Path(sys.executable).parent / "deltaw")
 PERSONAS = Path(__file__).parents[2] / "examples" / "personas"
-
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([DELTAW, *args], capture_output=True, text=True, timeout=600)
 
 
 def test_prefix_training_on_the_bundled_model_lowers_the_loss_and_the_adapter_generates(tmp_path):

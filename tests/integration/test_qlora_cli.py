@@ -2,8 +2,6 @@
 error report, and `deltaw quantize` directories that load back."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,14 +11,10 @@ import deltaw
 from deltaw.train.metrics import read_metrics
 from deltaw.quant.linear import NF4Linear, quantized_layers
 from deltaw.models.quantized import adapter_base_record, prepare_base, quantize_model
+from tests.cli import run_cli as run
 
 pytestmark = pytest.mark.slow
-DELTAW = str(Path(sys.executable).parent / "deltaw")
 PERSONAS = Path(__file__).parents[2] / "examples" / "personas"
-
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([DELTAW, *args], capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 
 import deltaw
 from deltaw.models.chat import chat_inputs

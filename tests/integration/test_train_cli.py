@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,14 +12,10 @@ import pytest
 from deltaw.train.checkpoint import latest_checkpoint
 from deltaw.train.metrics import read_metrics
 from tests.conftest import chat, write_jsonl
+from tests.cli import DELTAW, run_cli as run
 
 pytestmark = pytest.mark.slow
-DELTAW = str(Path(sys.executable).parent / "deltaw")
 PERSONAS = Path(__file__).parents[2] / "examples" / "personas"
-
-
-def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([DELTAW, *args], capture_output=True, text=True, timeout=600, input=stdin)
 
 
 def train_args(model_dir, data, out, *extra) -> list[str]:

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-import deltaw
 from deltaw.quant.linear import quantized_layers
 from deltaw.models.quantized import quantize_model, save_quantized
 

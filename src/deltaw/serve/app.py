@@ -40,7 +40,6 @@ from deltaw.serve.bodylimit import BodyLimitMiddleware
 from deltaw.serve.completions import respond
 from deltaw.serve.config import MAX_REQUEST_BYTES, ServeConfig
 from deltaw.serve.engine import Engine
-from deltaw.serve.metrics import ServerMetrics
 from deltaw.serve.peer_routes import router as peer_router
 from deltaw.serve.state import ServerState
 from deltaw.serve.protocol import AdapterLoadRequest, APIError, ChatRequest, CompletionRequest, error_body

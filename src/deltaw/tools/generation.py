@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from deltaw.adapters import disable_adapters, load_adapter, parse_adapter_spec, require_adapter, set_adapter
-from deltaw.models.chat import chat_inputs
 from deltaw.models.loading import BUNDLED_NAME, DTYPES, load_model
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -37,6 +38,9 @@ from torch import nn
 from deltaw import compat
 from deltaw.adapters.prefix.layout import PrefixShape, split_prefix
 from deltaw.adapters.state import adapters_of
+
+if TYPE_CHECKING:  # encoder.py imports this module
+    from deltaw.adapters.prefix.encoder import PrefixEncoder
 
 PREFIX_STORE = "deltaw_prefixes"  # the submodule of a model that holds its prefix adapters
 PREFIX_KWARG = "deltaw_prefix"
