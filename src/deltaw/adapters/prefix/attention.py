@@ -30,7 +30,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -38,9 +37,6 @@ from torch import nn
 from deltaw import compat
 from deltaw.adapters.prefix.layout import PrefixShape, split_prefix
 from deltaw.adapters.state import adapters_of
-
-if TYPE_CHECKING:  # encoder.py imports this module
-    from deltaw.adapters.prefix.encoder import PrefixEncoder
 
 PREFIX_STORE = "deltaw_prefixes"  # the submodule of a model that holds its prefix adapters
 PREFIX_KWARG = "deltaw_prefix"
@@ -62,10 +58,10 @@ class PrefixStore(nn.Module):
     def __contains__(self, name: str) -> bool:
         return name in self._modules
 
-    def __getitem__(self, name: str) -> PrefixEncoder:
+    def __getitem__(self, name: str) -> nn.Module:  # a PrefixEncoder (encoder.py)
         return self._modules[name]
 
-    def __setitem__(self, name: str, encoder: PrefixEncoder) -> None:
+    def __setitem__(self, name: str, encoder: nn.Module) -> None:
         self._modules[name] = encoder
 
     def __delitem__(self, name: str) -> None:
