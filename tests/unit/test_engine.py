@@ -81,6 +81,8 @@ def test_max_tokens_and_eos_set_the_finish_reason(engine):
     engine.eos_ids = {first[2]}
     result = engine.submit(PROMPTS[0], None, SamplingParams(max_tokens=5)).result()
     assert (result.completion_tokens, result.finish_reason) == (3, "stop")
+    ignoring = engine.submit(PROMPTS[0], None, SamplingParams(max_tokens=5, ignore_eos=True)).result()
+    assert (ignoring.completion_tokens, ignoring.finish_reason) == (5, "length")
 
 
 def test_a_cancelled_request_leaves_the_batch_and_frees_its_slot(engine):

@@ -132,7 +132,7 @@ def sampling_params(state: ServerState, body: ChatRequest | CompletionRequest, p
     echo = isinstance(body, CompletionRequest) and body.echo
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                           stop=list(body.stop), seed=body.seed, logprobs=body.logprobs_count(),
-                          prompt_logprobs=body.logprobs_count() if echo else None)
+                          prompt_logprobs=body.logprobs_count() if echo else None, ignore_eos=body.ignore_eos)
 
 
 async def submit(state: ServerState, body: ChatRequest | CompletionRequest, endpoint: str) -> Generation:

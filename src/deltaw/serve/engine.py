@@ -189,7 +189,8 @@ class Engine:
     def stats(self) -> dict:
         """Counters and latency summaries (seconds) for /metrics."""
         with self._wakeup:
-            running, waiting = len(self._rows), len(self._waiting)
+            running = sum(not row.finished for row in self._rows)  # a row ends before the step drops it
+            waiting = len(self._waiting)
         return {**self._stats.snapshot(), "requests_running": running, "requests_waiting": waiting,
                 "adapters_resident": len(self.bank.resident())}
 
@@ -228,7 +229,7 @@ class Engine:
         """Run the newcomers' prompts (left-padded together), sample their first tokens, join the batch.
         If the forward fails, only the newcomers end (finish_reason "error"); the batch runs on."""
         input_ids, mask, positions = prompt_batch([row.prompt_ids for row in newcomers], self.pad_id)
-        cache = compat.new_cache()
+        cache = compat.new_cache(roomy=True)
         echo = any(row.params.prompt_logprobs is not None for row in newcomers)
         try:
             logits = self._forward(newcomers, input_ids, mask, positions, cache, input_ids.shape[1] if echo else 1)
@@ -272,7 +273,8 @@ class Engine:
         """Each row's next token from `logits` [rows, vocab]. A row whose logits are not finite, or whose
         sampling fails, ends alone with finish_reason "error"; the other rows go on."""
         greedy = logits.argmax(dim=-1).tolist()
-        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        low, high = torch.aminmax(logits, dim=-1)  # NaN and ±inf reach the extremes: two cheap reductions
+        finite = (torch.isfinite(low) & torch.isfinite(high)).tolist()
         for index, row in enumerate(rows):
             try:
                 if not finite[index]:
@@ -289,7 +291,7 @@ class Engine:
 
     def _advance(self, row: _Row, token: int, logprob: TokenLogprob | None = None) -> None:
         """Emit `token`'s event: its new text, and the finish reason if it ends the request."""
-        if token in self.eos_ids:
+        if token in self.eos_ids and not row.params.ignore_eos:
             text, reason = row.stream.flush(), "stop"
         else:
             text = row.stream.push(token)
