@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 
 from deltaw.adapters import parse_adapter_spec
 from deltaw.models.loading import BUNDLED_NAME
+from deltaw.runtime import native_bf16
 
-SERVE_DTYPES = ("fp32", "bf16")
+SERVE_DTYPES = ("auto", "fp32", "bf16")
 MAX_REQUEST_BYTES = 4 * 2**20  # a request body's limit: 4 MiB is ~1M prompt tokens' text, far past any context
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
@@ -29,7 +30,8 @@ class ServeConfig:
         max_batch_size: requests generated together.
         max_model_len: prompt + completion tokens per request.
         max_request_bytes: the largest request body accepted; a larger one is answered 413 before it is read.
-        dtype: the weights' dtype: fp32 or bf16.
+        dtype: the weights' dtype: fp32, bf16, or auto: bf16 where the CPU multiplies bf16 natively (AVX512-BF16,
+            AMX-BF16 or Arm BF16 in /proc/cpuinfo), else fp32.
         log_level: the server log's level.
     """
 
@@ -44,8 +46,14 @@ class ServeConfig:
     max_batch_size: int = 16
     max_model_len: int = 2048
     max_request_bytes: int = MAX_REQUEST_BYTES
-    dtype: str = field(default="fp32", metadata={"choices": SERVE_DTYPES})
+    dtype: str = field(default="auto", metadata={"choices": SERVE_DTYPES})
     log_level: str = field(default="info", metadata={"choices": LOG_LEVELS})
+
+    def weights_dtype(self) -> str:
+        """The dtype the weights load in: `dtype`, with auto resolved for the CPU this runs on."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bf16" if native_bf16("cpu") else "fp32"
 
     def check(self) -> None:
         """Raise ValueError (or FileNotFoundError) for settings that cannot work, before the model loads."""
