@@ -267,3 +267,33 @@ def test_a_submit_to_a_stopped_engine_or_with_an_overflowing_seed_holds_no_slot(
     with pytest.raises(RuntimeError, match="shut down"):
         engine.submit(PROMPTS[0], MIX, SamplingParams(max_tokens=4))
     assert sum(engine.bank._users) == 0
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_that_give_the_same_answer_and_do_not_stall_decoding(engine):
+    long_prompt = PROMPTS[2] * 3  # 30 tokens: 8 chunks of 4
+    greedy = SamplingParams(max_tokens=8)
+    whole = run(engine, long_prompt, "full", greedy)  # prefill_chunk 256: one forward
+    engine.prefill_chunk = 4
+    running = engine.submit(PROMPTS[0], "attn", SamplingParams(max_tokens=60))
+    running.next_event(timeout=60)
+    chunked = engine.submit(long_prompt, "full", greedy)
+    first = chunked.next_event(timeout=60)
+    assert running.completion_tokens >= 8 and not running.done  # it decoded once per chunk meanwhile
+    assert [first.token_id] + [e.token_id for e in chunked if e.token_id is not None] == whole
+    running.cancel()
+
+
+def test_newcomers_are_admitted_while_their_padded_prompts_fit_the_prefill_chunk(engine):
+    engine.prefill_chunk = 12  # PROMPTS padded to 10 columns: one per step; [7, 7, 8] and [1] fit together
+    solo = [run(engine, prompt, choice, SamplingParams(max_tokens=5)) for prompt, choice in zip(PROMPTS, CHOICES)]
+    handles = [engine.submit(prompt, choice, SamplingParams(max_tokens=5)) for prompt, choice in zip(PROMPTS, CHOICES)]
+    assert [[e.token_id for e in handle if e.token_id is not None] for handle in handles] == solo
+
+
+def test_a_cancelled_prompt_leaves_between_its_chunks(engine):
+    engine.prefill_chunk = 1
+    handle = engine.submit(PROMPTS[2] * 5, "full", SamplingParams(max_tokens=5))
+    handle.cancel()
+    assert handle.result().finish_reason == "cancelled" and handle.result().completion_tokens == 0
+    assert engine.submit(PROMPTS[1], None, SamplingParams(max_tokens=2)).result().completion_tokens == 2
+    assert sum(engine.bank._users) == 0 and engine.stats()["requests_running"] == 0

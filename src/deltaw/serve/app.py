@@ -253,7 +253,8 @@ def build_engine(config: ServeConfig) -> tuple[Engine, AdapterBank, PreTrainedTo
     for spec in config.adapter:
         name, path = parse_adapter_spec(spec)
         bank.load(name, path)
-    engine = Engine(model, tokenizer, bank, max_batch_size=config.max_batch_size, max_model_len=config.max_model_len)
+    engine = Engine(model, tokenizer, bank, max_batch_size=config.max_batch_size, max_model_len=config.max_model_len,
+                    prefill_chunk=config.prefill_chunk)
     engine.start()
     return engine, bank, tokenizer
 
