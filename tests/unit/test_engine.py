@@ -166,10 +166,16 @@ def test_a_bf16_model_serves_in_bf16(tmp_path, tokenizer):
     bank = AdapterBank(model)
     bank.load("attn", write_random_adapter(tmp_path / "attn", make_tiny_llama(), ATTENTION, rank=2, seed=1, std=1.0))
     assert bank.stores["lora"].layers["model.layers.0.self_attn.q_proj"].lora_a.dtype == torch.bfloat16
+    bank.load("full", write_random_adapter(tmp_path / "full", make_tiny_llama(), ALL, rank=8, seed=2, std=1.0))
+    choices = [None, "attn", "full", {"attn": 0.5, "full": 0.5}]
     with Engine(model, tokenizer, bank, max_model_len=64) as engine:
         engine.eos_ids = set()
-        results = [engine.submit(PROMPTS[0], choice, SamplingParams(max_tokens=6)).result() for choice in (None, "attn")]
-    assert [r.completion_tokens for r in results] == [6, 6]
+        solo = [run(engine, prompt, choice, SamplingParams(max_tokens=6)) for prompt, choice in zip(PROMPTS, choices)]
+        running = engine.submit(PROMPTS[3], "full", SamplingParams(max_tokens=30))
+        running.next_event(timeout=60)
+        handles = [engine.submit(prompt, choice, SamplingParams(max_tokens=6)) for prompt, choice in zip(PROMPTS, choices)]
+        batched = [[e.token_id for e in handle if e.token_id is not None] for handle in handles]
+    assert [len(ids) for ids in solo] == [6] * 4 and batched == solo  # bf16 (oneDNN-packed weights): exact too
 
 
 def test_a_failing_forward_ends_its_requests_with_an_error_and_the_engine_serves_on(engine, monkeypatch):
