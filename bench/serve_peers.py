@@ -12,12 +12,15 @@ Workloads (chat requests on held-out persona questions, all sent at once):
     base only      `--clients` requests on the base model
     one adapter    `--clients` requests all on a0
     mixed          `--clients` requests cycling a0, a1, a2, a3, base
-    many mixed     `--many` streamed requests cycling the same way: time to first token p50/p90, tokens/s
+    many mixed     `--many` requests cycling the same way: time to first token p50/p90, tokens/s
+                   (only on `--many-servers`)
+
+Every request is streamed; time to first token is measured at the first chunk that carries text.
 
 Peers that are not installed (tests/peers/setup_peers.sh installs them) are skipped, and the table says so.
 
     .venv/bin/python bench/serve_peers.py [--rounds 2] [--tokens 64] [--clients 16] [--many 64] [--threads 2]
-        [--servers deltaw,vllm,llama.cpp] [--deltaw-dtype bf16]
+        [--servers deltaw,vllm,llama.cpp] [--many-servers deltaw,vllm] [--deltaw-dtype bf16]
 """
 
 from __future__ import annotations
@@ -100,6 +103,7 @@ def bf16_gguf() -> Path:
 class Server:
     """A running server and how a request names an adapter on it."""
 
+    key: str  # as --servers names it
     name: str
     url: str
     base_model: str
@@ -122,7 +126,7 @@ def deltaw_server(adapters: dict[str, Path], threads: int, dtype: str) -> Iterat
         command += ["--dtype", dtype]
     env = {"OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO / "src")}
     with server_process("deltaw", command, port, timeout=300, env=env) as url:
-        yield Server("deltaw", url, BUNDLED_NAME)
+        yield Server("deltaw", "deltaw", url, BUNDLED_NAME)
 
 
 @contextlib.contextmanager
@@ -134,7 +138,7 @@ def vllm_server(adapters: dict[str, Path], threads: int) -> Iterator[Server]:
                "--lora-modules", *(f"{name}={path}" for name, path in adapters.items())]
     env = {"VLLM_CPU_OMP_THREADS_BIND": "0" if threads == 1 else f"0-{threads - 1}", "VLLM_CPU_KVCACHE_SPACE": "1"}
     with server_process("vllm", command, port, timeout=900, env=env) as url:
-        yield Server(f"vLLM {VLLM_STAMP.read_text().split()[0].split('==')[-1]}", url, "smollm2")
+        yield Server("vllm", f"vLLM {VLLM_STAMP.read_text().split()[0].split('==')[-1]}", url, "smollm2")
 
 
 @contextlib.contextmanager
@@ -143,7 +147,7 @@ def llama_server(ggufs: list[Path], threads: int) -> Iterator[Server]:
     command = [str(LLAMA_SERVER), "-m", str(bf16_gguf()), "--port", str(port), "-t", str(threads), "-c", "16384",
                "-np", "16", "--no-webui", "--lora-init-without-apply", *(a for g in ggufs for a in ("--lora", str(g)))]
     with server_process("llama-server", command, port, timeout=300) as url:
-        yield Server(f"llama.cpp {llama_version()}", url, "smollm2", {g.stem: i for i, g in enumerate(ggufs)})
+        yield Server("llama.cpp", f"llama.cpp {llama_version()}", url, "smollm2", {g.stem: i for i, g in enumerate(ggufs)})
 
 
 # ------------------------------------------------------------------------------------------------- workloads
@@ -178,18 +182,21 @@ async def workload(server: Server, questions: list[str], adapters: list, count: 
 
 
 def run_rounds(servers: list[Server], questions: list[str], args: argparse.Namespace) -> dict:
-    """{(workload, metric): {server name: [value per round]}}, servers alternating within every round."""
+    """{(workload, metric): {server name: [value per round]}}, servers alternating within every round (the
+    `--many` workload only on the servers named by `--many-servers`)."""
     plan = {**{name: (adapters, args.clients) for name, adapters in WORKLOADS.items()},
             f"{args.many} clients mixed": (MIXED, args.many)}
+    for server in servers:  # warm-up: every adapter once, a few tokens
+        asyncio.run(workload(server, questions, MIXED, len(MIXED), 4))
     results: dict = {}
-    for round_index in range(args.rounds + 1):  # round 0 warms every server up
+    for round_index in range(1, args.rounds + 1):
         for name, (adapters, count) in plan.items():
             for server in servers:
+                if count == args.many and server.key not in args.many_servers.split(","):
+                    continue
                 measured = asyncio.run(workload(server, questions, adapters, count, args.tokens))
                 print(f"round {round_index} {name:>18} {server.name:>16}: " + ", ".join(
                     f"{k} {v:.2f}" for k, v in measured.items()), flush=True)
-                if round_index == 0:
-                    continue
                 for metric, value in measured.items():
                     if metric == "tok/s" or name.startswith(str(args.many)):
                         results.setdefault((name, metric), {}).setdefault(server.name, []).append(value)
@@ -203,6 +210,9 @@ def table(results: dict, names: list[str], skipped: list[str]) -> str:
         ours = statistics.median(by_server["deltaw"]) if "deltaw" in by_server else None
         cells = []
         for name in names:
+            if name not in by_server:
+                cells.append("not run")
+                continue
             value = statistics.median(by_server[name])
             ratio = "" if ours is None or name == "deltaw" else (
                 f" (deltaw {ours / value:.2f}×)" if metric == "tok/s" else f" (deltaw {value / ours:.2f}× faster)")
@@ -224,6 +234,8 @@ def main() -> None:
     parser.add_argument("--many", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of every server")
     parser.add_argument("--servers", default="deltaw,vllm,llama.cpp")
+    parser.add_argument("--many-servers", default="deltaw,vllm,llama.cpp",
+                        help="servers that run the --many workload (llama.cpp takes minutes for it on 2 cores)")
     parser.add_argument("--deltaw-dtype", default="", help="deltaw serve --dtype (default: deltaw's own choice)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/deltaw-serve-peers"))
     args = parser.parse_args()

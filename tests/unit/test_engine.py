@@ -3,6 +3,7 @@ max_tokens, EOS, cancellation, submit-time errors and the `model` field's mix sy
 
 from __future__ import annotations
 
+import asyncio
 import pydoc
 import threading
 from pathlib import Path
@@ -303,3 +304,27 @@ def test_a_cancelled_prompt_leaves_between_its_chunks(engine):
     assert handle.result().finish_reason == "cancelled" and handle.result().completion_tokens == 0
     assert engine.submit(PROMPTS[1], None, SamplingParams(max_tokens=2)).result().completion_tokens == 2
     assert sum(engine.bank._users) == 0 and engine.stats()["requests_running"] == 0
+
+
+def test_events_are_awaited_on_the_event_loop_that_the_engine_wakes(engine):
+    greedy = SamplingParams(max_tokens=6)
+
+    async def collect() -> list:
+        handle = engine.submit(PROMPTS[0], "attn", greedy)
+        events = [await handle.next_event_async()]
+        while events[-1].finish_reason is None:
+            events.append(await handle.next_event_async())
+        assert (await handle.next_event_async()) is events[-1]  # after the end: the final event again
+        return [event.token_id for event in events if event.token_id is not None]
+
+    assert asyncio.run(collect()) == run(engine, PROMPTS[0], "attn", greedy)
+
+    async def abandon():
+        handle = engine.submit(PROMPTS[1], None, SamplingParams(max_tokens=20))
+        waiting = asyncio.ensure_future(handle.next_event_async())
+        await asyncio.sleep(0)
+        waiting.cancel()
+        return handle
+
+    handle = asyncio.run(abandon())  # its loop is closed while the engine still emits: no harm done
+    assert handle.result().completion_tokens == 20
