@@ -10,6 +10,9 @@ from torch import nn
 
 from deltaw.adapters.lora.routed import RoutedLinear, Routing
 from deltaw.quant.packed import linear_packed, pack, packable
+from deltaw.serve.bank import AdapterBank
+from tests.conftest import make_tiny_llama
+from tests.unit.test_bank import ALL, ATTENTION, CHOICES, routed_logits, write_random_adapter
 
 needs_bf16_onednn = pytest.mark.skipif(
     not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
@@ -51,3 +54,21 @@ def test_a_routed_layer_serves_from_the_packed_weight_and_repacks_a_changed_one(
         layer.weight.add_(1.0)
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
         assert layer._packed is not packed
+
+
+@needs_bf16_onednn
+@pytest.mark.parametrize("batch", ["one adapter", "several"])
+def test_a_bf16_bank_computes_its_deltas_from_packed_factors_like_the_reference(tmp_path, batch):
+    model = make_tiny_llama()
+    adapters = {name: write_random_adapter(tmp_path / name, model, targets, rank=rank, seed=seed)
+                for seed, (name, targets, rank) in enumerate([("attn", ATTENTION, 2), ("full", ALL, 8),
+                                                              ("mlp", ["down_proj", "up_proj"], 4)])}
+    bank = AdapterBank(make_tiny_llama(dtype=torch.bfloat16))
+    for name, path in adapters.items():
+        bank.load(name, path)
+    choices = CHOICES[batch]
+    tokens = torch.randint(0, 128, (len(choices), 9), generator=torch.Generator().manual_seed(0))
+    fast = routed_logits(bank, tokens, choices).float()
+    assert bank.stores["lora"].layers["model.layers.0.mlp.down_proj"]._factors is not None  # the packed path ran
+    reference = routed_logits(bank, tokens, choices, reference=True).float()
+    assert (fast - reference).abs().max() <= 0.05 * reference.abs().max()  # bf16 rounding, not a wrong delta
