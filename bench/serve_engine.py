@@ -1,5 +1,6 @@
-"""The serving engine alone (no HTTP), before and after a change: decode throughput of 16 rows of the bundled model
-in bf16, base only / one adapter / 4 adapters + base mixed, 64 greedy tokens each (EOS ignored).
+"""The serving engine alone (no HTTP), before and after a change: throughput of 16 rows of the bundled model in bf16,
+base only / one adapter / 4 adapters + base mixed, 64 greedy tokens each (EOS ignored), and the median decode
+step (the interval between two tokens of the last row, while every row runs).
 
 Each `--src` (a checkout's src/ directory, e.g. one exported with `git archive integrate src | tar -x -C /tmp/old`)
 runs in its own worker process, and the workers alternate round after round, so that load on the machine hits
@@ -50,9 +51,12 @@ def worker(adapters: Path, rows: int, tokens: int, threads: int) -> None:
                 start = time.perf_counter()
                 handles = [engine.submit(p, choices[i % len(choices)], SamplingParams(max_tokens=count))
                            for i, p in enumerate(prompts)]
+                arrivals = [time.perf_counter() for _ in handles[-1]]  # the last row: one token per decode step
                 for handle in handles:
                     handle.result()
-            results[mode] = rows * tokens / (time.perf_counter() - start)
+            steps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:])]
+            results[mode] = {"tok/s": rows * tokens / (time.perf_counter() - start),
+                             "step ms": 1000 * statistics.median(steps)}
     print(json.dumps(results))
 
 
@@ -73,20 +77,23 @@ def main() -> None:
     variants = {src: {"PYTHONPATH": src} for src in args.src}
     variants |= {f"src, {env}": {"PYTHONPATH": str(REPO / "src"), env.split("=")[0]: env.split("=", 1)[1]}
                  for env in args.env}
-    results: dict[str, dict[str, list[float]]] = {name: {mode: [] for mode in MODES} for name in variants}
+    results: dict[str, dict[str, dict[str, list[float]]]] = {
+        name: {mode: {"tok/s": [], "step ms": []} for mode in MODES} for name in variants}
     for _ in range(args.rounds):
         for name, env in variants.items():
             output = subprocess.run([sys.executable, __file__, "--worker", "--rows", str(args.rows), "--tokens",
                                      str(args.tokens), "--threads", str(args.threads), "--adapters", str(args.adapters)],
                                     env={**os.environ, **env}, capture_output=True, text=True, check=True).stdout
-            for mode, value in json.loads(output.strip().splitlines()[-1]).items():
-                results[name][mode].append(value)
+            for mode, measured in json.loads(output.strip().splitlines()[-1]).items():
+                for metric, value in measured.items():
+                    results[name][mode][metric].append(value)
             print(name, results[name], flush=True)
     print(f"\n{args.rows} rows x {args.tokens} tokens, bf16, {args.threads} thread(s), medians of {args.rounds} rounds; "
           f"load average {os.getloadavg()[0]:.1f}\n")
-    print("| tokens/s | " + " | ".join(MODES) + " |\n|---|---|---|---|")
+    print("| tokens/s (decode step, ms) | " + " | ".join(MODES) + " |\n|---|---|---|---|")
     for name, by_mode in results.items():
-        print(f"| {name} | " + " | ".join(f"{statistics.median(v):.1f}" for v in by_mode.values()) + " |")
+        print(f"| {name} | " + " | ".join(f"{statistics.median(m['tok/s']):.1f} ({statistics.median(m['step ms']):.0f})"
+                                          for m in by_mode.values()) + " |")
 
 
 if __name__ == "__main__":
