@@ -169,7 +169,7 @@ async def submit(state: ServerState, body: ChatRequest | CompletionRequest, endp
 
 
 async def next_event(state: ServerState, generation: Generation) -> TokenEvent:
-    """The request's next TokenEvent, awaited on a worker thread; a failed generation is a 500 for it alone."""
+    """The request's next TokenEvent, awaited on the event loop; a failed generation is a 500 for it alone."""
     handle = generation.handle
     event = await handle.next_event_async()
     if event.finish_reason == "error":
