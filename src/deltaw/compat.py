@@ -10,7 +10,7 @@ breaks one function here and one clearly named test:
     attention choice      attention_implementation, set_attention_implementation
     the decoder stack     decoder(model): where the prefix pre-hook and the chunked loss attach;
                           decoder_layers(model): the blocks FSDP shards one by one
-    KV caches             new_cache, find_cache (by type, whatever it is called), cache_argument (the forward
+    KV caches             new_cache (optionally with room to grow in place), find_cache (by type, whatever it is called), cache_argument (the forward
                           keyword), cache_layers (per-layer keys/values the serving engine joins and trims)
     loading               load_gguf (GGUF files dequantized to float), empty_model (no weight init)
     tied embeddings       mark_untied: the config of a model whose head no longer shares the embedding
@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AttentionInterface, Cache, DynamicCache
+from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
@@ -79,9 +80,56 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 # --------------------------------------------------------------------------------------------- KV caches
-def new_cache() -> Cache:
-    """An empty cache that grows with every forward (one layer object per decoder layer)."""
-    return DynamicCache()
+CACHE_ROOM = 64  # columns a roomy cache layer allocates ahead, so most decode steps write in place
+
+
+class _RoomyLayer(DynamicLayer):
+    """A DynamicLayer whose keys/values are views of buffers with CACHE_ROOM spare columns: a decode step
+    writes its column in place instead of concatenating the whole cache (one copy every CACHE_ROOM steps).
+    Replacing `keys`/`values` from outside (the serving engine joins and trims rows) is allowed: the next
+    update then reallocates."""
+
+    _key_buffer: torch.Tensor | None = None
+    _value_buffer: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append key_states/value_states [batch, kv_heads, new, head_dim]; return the whole keys/values."""
+        if not self.is_initialized or self.keys.numel() == 0:
+            self.lazy_initialization(key_states, value_states)
+            self._key_buffer = self._value_buffer = None
+            self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
+        used, new = self.keys.shape[-2], key_states.shape[-2]
+        if not (_fits(self.keys, self._key_buffer, used + new) and _fits(self.values, self._value_buffer, used + new)):
+            self._key_buffer = _with_room(self.keys, used + new + CACHE_ROOM)
+            self._value_buffer = _with_room(self.values, used + new + CACHE_ROOM)
+        self._key_buffer[:, :, used:used + new] = key_states
+        self._value_buffer[:, :, used:used + new] = value_states
+        self.keys, self.values = self._key_buffer[:, :, :used + new], self._value_buffer[:, :, :used + new]
+        return self.keys, self.values
+
+
+def _fits(view: torch.Tensor, buffer: torch.Tensor | None, columns: int) -> bool:
+    """Whether `view` is still the head of `buffer` (not replaced from outside) and `buffer` has `columns`."""
+    return (buffer is not None and view.data_ptr() == buffer.data_ptr() and view.shape[:2] == buffer.shape[:2]
+            and columns <= buffer.shape[2])
+
+
+def _with_room(tensor: torch.Tensor, columns: int) -> torch.Tensor:
+    """A [batch, heads, columns, head_dim] buffer starting with `tensor`'s columns."""
+    buffer = tensor.new_empty(*tensor.shape[:2], columns, tensor.shape[3])
+    buffer[:, :, :tensor.shape[2]] = tensor
+    return buffer
+
+
+def new_cache(roomy: bool = False) -> Cache:
+    """An empty cache that grows with every forward (one layer object per decoder layer). `roomy`: its layers
+    preallocate CACHE_ROOM columns ahead and write new tokens in place (the serving engine's decode steps);
+    either way `cache_layers` gives per-layer keys/values that may be replaced."""
+    cache = DynamicCache()
+    if roomy:
+        cache.layer_class_to_replicate = _RoomyLayer
+    return cache
 
 
 def find_cache(values: Iterable[Any]) -> Cache | None:

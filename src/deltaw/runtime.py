@@ -45,3 +45,25 @@ def release_free_memory() -> bool:
         return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
     except (OSError, AttributeError):
         return False
+
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags (/proc/cpuinfo) of CPUs that multiply bf16 in hardware
+BF16_ARM_FLAG = "bf16"  # the Arm feature (FEAT_BF16: BFDOT, BFMMLA) as /proc/cpuinfo lists it
+
+
+def native_bf16(device: str = "cpu", cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether `device` multiplies bf16 natively: CUDA that supports bf16 (Ampere or newer), or a CPU whose
+    /proc/cpuinfo flags include AVX512-BF16 or AMX-BF16 (x86) or BF16 (Arm). Without them PyTorch emulates bf16
+    matmuls through fp32 and bf16 serves slower than fp32; where the flags cannot be read, False."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        with open(cpuinfo) as file:
+            text = file.read()
+    except OSError:
+        return False
+    flags = {flag for line in text.splitlines() if line.startswith(("flags", "Features"))
+             for flag in line.partition(":")[2].split()}
+    return any(flag in flags for flag in (*BF16_CPU_FLAGS, BF16_ARM_FLAG))

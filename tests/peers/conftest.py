@@ -103,7 +103,7 @@ def reference(pirate, peer_data) -> tuple[EvalReport, list, object]:
     from deltaw.serve.app import build_engine
     from deltaw.serve.config import ServeConfig
 
-    engine, _, tokenizer = build_engine(ServeConfig(adapter=[f"pirate={pirate}"], max_batch_size=8))
+    engine, _, tokenizer = build_engine(ServeConfig(adapter=[f"pirate={pirate}"], max_batch_size=8, dtype="fp32"))
     try:
         examples = load_eval_data(peer_data[1], tokenizer, seq_len=512)
         report = evaluate(LocalBackend(engine, tokenizer), examples, [Target("base"), Target("pirate", "pirate")],

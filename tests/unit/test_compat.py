@@ -99,6 +99,33 @@ def test_cache_layers_hold_keys_and_values_that_can_be_replaced(tokens):
     assert (step - whole).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("replace", [False, True])
+def test_a_roomy_cache_decodes_in_place_and_equals_a_plain_one(tokens, replace):
+    """new_cache(roomy=True): decode steps write into preallocated columns (the buffer stays put) and compute
+    exactly what a plain cache computes; keys/values replaced from outside (the engine dropping a row) still work."""
+    model = make_tiny_llama()
+    roomy, plain = compat.new_cache(roomy=True), compat.new_cache()
+    with torch.no_grad():
+        for cache in (roomy, plain):
+            model(input_ids=tokens, use_cache=True, **compat.cache_argument(model, cache))
+            if replace:
+                for layer in compat.cache_layers(cache):
+                    layer.keys, layer.values = layer.keys[1:], layer.values[1:]
+        rows = tokens[1:] if replace else tokens
+        starts, outputs = [], {}
+        for name, cache in (("roomy", roomy), ("plain", plain)):
+            steps = []
+            for step in range(4):
+                steps.append(model(input_ids=rows[:, step:step + 1], use_cache=True,
+                                   **compat.cache_argument(model, cache)).logits)
+                if name == "roomy":
+                    starts.append(compat.cache_layers(cache)[0].keys.data_ptr())
+            outputs[name] = torch.cat(steps, dim=1)
+    assert torch.equal(outputs["roomy"], outputs["plain"])
+    assert len(set(starts)) == 1  # every step wrote into the same buffer (no concatenation)
+    assert compat.cache_layers(roomy)[0].keys.shape == compat.cache_layers(plain)[0].keys.shape
+
+
 def test_an_empty_model_has_the_configs_shapes_and_dtype():
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1)

@@ -3,6 +3,7 @@ max_tokens, EOS, cancellation, submit-time errors and the `model` field's mix sy
 
 from __future__ import annotations
 
+import asyncio
 import pydoc
 import threading
 from pathlib import Path
@@ -81,6 +82,8 @@ def test_max_tokens_and_eos_set_the_finish_reason(engine):
     engine.eos_ids = {first[2]}
     result = engine.submit(PROMPTS[0], None, SamplingParams(max_tokens=5)).result()
     assert (result.completion_tokens, result.finish_reason) == (3, "stop")
+    ignoring = engine.submit(PROMPTS[0], None, SamplingParams(max_tokens=5, ignore_eos=True)).result()
+    assert (ignoring.completion_tokens, ignoring.finish_reason) == (5, "length")
 
 
 def test_a_cancelled_request_leaves_the_batch_and_frees_its_slot(engine):
@@ -164,10 +167,16 @@ def test_a_bf16_model_serves_in_bf16(tmp_path, tokenizer):
     bank = AdapterBank(model)
     bank.load("attn", write_random_adapter(tmp_path / "attn", make_tiny_llama(), ATTENTION, rank=2, seed=1, std=1.0))
     assert bank.stores["lora"].layers["model.layers.0.self_attn.q_proj"].lora_a.dtype == torch.bfloat16
+    bank.load("full", write_random_adapter(tmp_path / "full", make_tiny_llama(), ALL, rank=8, seed=2, std=1.0))
+    choices = [None, "attn", "full", {"attn": 0.5, "full": 0.5}]
     with Engine(model, tokenizer, bank, max_model_len=64) as engine:
         engine.eos_ids = set()
-        results = [engine.submit(PROMPTS[0], choice, SamplingParams(max_tokens=6)).result() for choice in (None, "attn")]
-    assert [r.completion_tokens for r in results] == [6, 6]
+        solo = [run(engine, prompt, choice, SamplingParams(max_tokens=6)) for prompt, choice in zip(PROMPTS, choices)]
+        running = engine.submit(PROMPTS[3], "full", SamplingParams(max_tokens=30))
+        running.next_event(timeout=60)
+        handles = [engine.submit(prompt, choice, SamplingParams(max_tokens=6)) for prompt, choice in zip(PROMPTS, choices)]
+        batched = [[e.token_id for e in handle if e.token_id is not None] for handle in handles]
+    assert [len(ids) for ids in solo] == [6] * 4 and batched == solo  # bf16 (oneDNN-packed weights): exact too
 
 
 def test_a_failing_forward_ends_its_requests_with_an_error_and_the_engine_serves_on(engine, monkeypatch):
@@ -291,3 +300,57 @@ def test_a_submit_to_a_stopped_engine_or_with_an_overflowing_seed_holds_no_slot(
     with pytest.raises(RuntimeError, match="shut down"):
         engine.submit(PROMPTS[0], MIX, SamplingParams(max_tokens=4))
     assert sum(engine.bank._users) == 0
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_that_give_the_same_answer_and_do_not_stall_decoding(engine):
+    long_prompt = PROMPTS[2] * 3  # 30 tokens: 8 chunks of 4
+    greedy = SamplingParams(max_tokens=8)
+    whole = run(engine, long_prompt, "full", greedy)  # prefill_chunk 256: one forward
+    engine.prefill_chunk = 4
+    running = engine.submit(PROMPTS[0], "attn", SamplingParams(max_tokens=60))
+    running.next_event(timeout=60)
+    chunked = engine.submit(long_prompt, "full", greedy)
+    first = chunked.next_event(timeout=60)
+    assert running.completion_tokens >= 8 and not running.done  # it decoded once per chunk meanwhile
+    assert [first.token_id] + [e.token_id for e in chunked if e.token_id is not None] == whole
+    running.cancel()
+
+
+def test_newcomers_are_admitted_while_their_padded_prompts_fit_the_prefill_chunk(engine):
+    engine.prefill_chunk = 12  # PROMPTS padded to 10 columns: one per step; [7, 7, 8] and [1] fit together
+    solo = [run(engine, prompt, choice, SamplingParams(max_tokens=5)) for prompt, choice in zip(PROMPTS, CHOICES)]
+    handles = [engine.submit(prompt, choice, SamplingParams(max_tokens=5)) for prompt, choice in zip(PROMPTS, CHOICES)]
+    assert [[e.token_id for e in handle if e.token_id is not None] for handle in handles] == solo
+
+
+def test_a_cancelled_prompt_leaves_between_its_chunks(engine):
+    engine.prefill_chunk = 1
+    handle = engine.submit(PROMPTS[2] * 5, "full", SamplingParams(max_tokens=5))
+    handle.cancel()
+    assert handle.result().finish_reason == "cancelled" and handle.result().completion_tokens == 0
+    assert engine.submit(PROMPTS[1], None, SamplingParams(max_tokens=2)).result().completion_tokens == 2
+    assert sum(engine.bank._users) == 0 and engine.stats()["requests_running"] == 0
+
+
+def test_events_are_awaited_on_the_event_loop_that_the_engine_wakes(engine):
+    greedy = SamplingParams(max_tokens=6)
+
+    async def collect() -> list:
+        handle = engine.submit(PROMPTS[0], "attn", greedy)
+        events = [await handle.next_event_async()]
+        while events[-1].finish_reason is None:
+            events.append(await handle.next_event_async())
+        assert (await handle.next_event_async()) is events[-1]  # after the end: the final event again
+        return [event.token_id for event in events if event.token_id is not None]
+
+    assert asyncio.run(collect()) == run(engine, PROMPTS[0], "attn", greedy)
+
+    async def abandon():
+        handle = engine.submit(PROMPTS[1], None, SamplingParams(max_tokens=20))
+        waiting = asyncio.ensure_future(handle.next_event_async())
+        await asyncio.sleep(0)
+        waiting.cancel()
+        return handle
+
+    handle = asyncio.run(abandon())  # its loop is closed while the engine still emits: no harm done
+    assert handle.result().completion_tokens == 20

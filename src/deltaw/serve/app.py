@@ -247,12 +247,13 @@ def build_engine(config: ServeConfig) -> tuple[Engine, AdapterBank, PreTrainedTo
     Returns:
         (engine, bank, tokenizer); call `engine.shutdown()` when done.
     """
-    model, tokenizer = load_model(config.model, dtype=DTYPES[config.dtype])
+    model, tokenizer = load_model(config.model, dtype=DTYPES[config.weights_dtype()])
     bank = AdapterBank(model, max_resident=config.max_resident, adapters_dir=config.adapters_dir)
     for spec in config.adapter:
         name, path = parse_adapter_spec(spec)
         bank.load(name, path)
-    engine = Engine(model, tokenizer, bank, max_batch_size=config.max_batch_size, max_model_len=config.max_model_len)
+    engine = Engine(model, tokenizer, bank, max_batch_size=config.max_batch_size, max_model_len=config.max_model_len,
+                    prefill_chunk=config.prefill_chunk)
     engine.start()
     return engine, bank, tokenizer
 

@@ -1,7 +1,8 @@
 """One generation request, from a validated body to a JSON completion or an SSE stream.
 
-The engine runs in its own thread; a request's TokenEvents are awaited on worker threads
-(`ServerState.waiters`), so the event loop never blocks while a token is being computed. A request
+The engine runs in its own thread; a request's TokenEvents are awaited on the event loop, which the
+engine thread wakes for each event (`RequestHandle.next_event_async`), so the loop never blocks while a
+token is being computed and no thread waits per request. A request
 that fails inside the engine gets an error; the others continue.
 """
 
@@ -132,7 +133,7 @@ def sampling_params(state: ServerState, body: ChatRequest | CompletionRequest, p
     echo = isinstance(body, CompletionRequest) and body.echo
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                           stop=list(body.stop), seed=body.seed, logprobs=body.logprobs_count(),
-                          prompt_logprobs=body.logprobs_count() if echo else None)
+                          prompt_logprobs=body.logprobs_count() if echo else None, ignore_eos=body.ignore_eos)
 
 
 async def submit(state: ServerState, body: ChatRequest | CompletionRequest, endpoint: str) -> Generation:
@@ -168,9 +169,9 @@ async def submit(state: ServerState, body: ChatRequest | CompletionRequest, endp
 
 
 async def next_event(state: ServerState, generation: Generation) -> TokenEvent:
-    """The request's next TokenEvent, awaited on a worker thread; a failed generation is a 500 for it alone."""
+    """The request's next TokenEvent, awaited on the event loop; a failed generation is a 500 for it alone."""
     handle = generation.handle
-    event = await asyncio.get_running_loop().run_in_executor(state.waiters, handle.next_event)
+    event = await handle.next_event_async()
     if event.finish_reason == "error":
         raise APIError(500, f"generation failed: {handle.error}", kind="server_error", code="generation_failed")
     return event
@@ -179,7 +180,8 @@ async def next_event(state: ServerState, generation: Generation) -> TokenEvent:
 async def finish(state: ServerState, generation: Generation) -> Completion:
     """The engine's final Completion; counts the request in the metrics."""
     handle = generation.handle
-    completion = await asyncio.get_running_loop().run_in_executor(state.waiters, handle.result)
+    completion = handle.result() if handle.done else await asyncio.get_running_loop().run_in_executor(
+        state.waiters, handle.result)
     first_token = None if handle.first_token_at is None else handle.first_token_at - generation.start
     state.metrics.record_request(generation.label, generation.endpoint, completion.prompt_tokens,
                                  completion.completion_tokens, time.perf_counter() - generation.start, first_token)

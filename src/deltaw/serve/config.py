@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 
 from deltaw.adapters import parse_adapter_spec
 from deltaw.models.loading import BUNDLED_NAME
+from deltaw.runtime import native_bf16
+from deltaw.serve.engine import PREFILL_CHUNK
 
-SERVE_DTYPES = ("fp32", "bf16")
+SERVE_DTYPES = ("auto", "fp32", "bf16")
 MAX_REQUEST_BYTES = 4 * 2**20  # a request body's limit: 4 MiB is ~1M prompt tokens' text, far past any context
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
@@ -28,8 +30,11 @@ class ServeConfig:
         max_resident: adapters held in memory at once; the least recently used beyond are evicted.
         max_batch_size: requests generated together.
         max_model_len: prompt + completion tokens per request.
+        prefill_chunk: most prompt tokens prefilled between two decode steps; a longer prompt is prefilled in
+            chunks of this size, so it does not stall the requests already generating.
         max_request_bytes: the largest request body accepted; a larger one is answered 413 before it is read.
-        dtype: the weights' dtype: fp32 or bf16.
+        dtype: the weights' dtype: fp32, bf16, or auto: bf16 where the CPU multiplies bf16 natively (AVX512-BF16,
+            AMX-BF16 or Arm BF16 in /proc/cpuinfo), else fp32.
         log_level: the server log's level.
     """
 
@@ -43,15 +48,22 @@ class ServeConfig:
     max_resident: int = 32
     max_batch_size: int = 16
     max_model_len: int = 2048
+    prefill_chunk: int = PREFILL_CHUNK
     max_request_bytes: int = MAX_REQUEST_BYTES
-    dtype: str = field(default="fp32", metadata={"choices": SERVE_DTYPES})
+    dtype: str = field(default="auto", metadata={"choices": SERVE_DTYPES})
     log_level: str = field(default="info", metadata={"choices": LOG_LEVELS})
+
+    def weights_dtype(self) -> str:
+        """The dtype the weights load in: `dtype`, with auto resolved for the CPU this runs on."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bf16" if native_bf16("cpu") else "fp32"
 
     def check(self) -> None:
         """Raise ValueError (or FileNotFoundError) for settings that cannot work, before the model loads."""
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be in [0, 65535], found {self.port}")
-        for name in ("max_resident", "max_batch_size"):
+        for name in ("max_resident", "max_batch_size", "prefill_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, found {getattr(self, name)}")
         if self.max_model_len < 2:

@@ -13,7 +13,9 @@ The batch and its KV cache (one transformers DynamicCache, LEFT padded):
     keys/values per layer: [rows, kv_heads, columns, head_dim]; `·` = zero padding, masked out.
 
 - Prefill: newcomers are left-padded to their longest prompt and run in one forward with a fresh
-  cache; their first token is sampled from it.
+  cache; their first token is sampled from it. A step prefills at most `prefill_chunk` tokens: newcomers
+  are admitted while their padded prompts fit, and a longer prompt is prefilled alone, one chunk per
+  step (chunked prefill), so running rows keep decoding meanwhile.
 - Join: both caches are left-padded to the same column count and concatenated along the batch.
 - Decode: every row feeds its last token with position_ids = its count of real tokens and the mask
   extended by one column, so a row computes exactly what it would compute alone (padding is masked
@@ -64,6 +66,7 @@ __all__ = [
     "parse_adapter_choice", "summarize",
 ]
 
+PREFILL_CHUNK = 256  # prompt tokens per step (Engine's prefill_chunk and `deltaw serve --prefill-chunk`)
 PROMPT_LOGITS_BYTES = 1 << 28  # a prefill returning prompt logprobs keeps [rows, columns, vocab] float32 logits
 
 
@@ -82,6 +85,15 @@ class _Row:
     finished: bool = False
 
 
+@dataclass
+class _Chunked:
+    """A long prompt being prefilled alone, chunk by chunk: its row, its own cache, and its tokens done so far."""
+
+    row: _Row
+    cache: Cache
+    done: int = 0
+
+
 class Engine:
     """Batched generation for many adapters on one base model, with continuous batching.
 
@@ -91,6 +103,9 @@ class Engine:
         bank: the AdapterBank built on `model`.
         max_batch_size: most rows decoded together; later requests wait for a free row.
         max_model_len: most tokens (prompt + max_tokens) a request may use.
+        prefill_chunk: most prompt tokens prefilled in one step, between two decode steps of the running rows:
+            newcomers are admitted while their left-padded prompts fit it, and a longer prompt is prefilled
+            alone, this many tokens per step (chunked prefill), so that it never stalls the running requests.
 
     Attributes:
         eos_ids: token ids that end a request with finish_reason "stop" (the generation config's and
@@ -98,12 +113,15 @@ class Engine:
     """
 
     def __init__(
-        self, model: nn.Module, tokenizer, bank: AdapterBank, max_batch_size: int = 16, max_model_len: int = 2048
+        self, model: nn.Module, tokenizer, bank: AdapterBank, max_batch_size: int = 16, max_model_len: int = 2048,
+        prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
         if bank.model is not model:
             raise ValueError("the bank must be built on the same model object: AdapterBank(model)")
-        if max_batch_size < 1 or max_model_len < 2:
-            raise ValueError(f"need max_batch_size >= 1 and max_model_len >= 2, found {max_batch_size}, {max_model_len}")
+        if max_batch_size < 1 or max_model_len < 2 or prefill_chunk < 1:
+            raise ValueError("need max_batch_size >= 1, max_model_len >= 2 and prefill_chunk >= 1, found "
+                             f"{max_batch_size}, {max_model_len}, {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.model, self.tokenizer, self.bank = model.eval(), tokenizer, bank
         self.max_batch_size, self.max_model_len = max_batch_size, max_model_len
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
@@ -113,6 +131,7 @@ class Engine:
         self._rows: list[_Row] = []
         self._cache: Cache | None = None
         self._mask: torch.Tensor | None = None
+        self._chunked: _Chunked | None = None  # the long prompt being prefilled chunk by chunk
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -134,10 +153,10 @@ class Engine:
             self._wakeup.notify_all()
         if self._thread is not None:
             self._thread.join()
-        for row in [*self._waiting, *self._rows]:
+        for row in [*self._waiting, *self._rows, *([self._chunked.row] if self._chunked else [])]:
             self._finish(row, "cancelled", None)
         self._waiting.clear()
-        self._rows, self._cache, self._mask = [], None, None
+        self._rows, self._cache, self._mask, self._chunked = [], None, None, None
 
     def __enter__(self) -> Engine:
         self.start()
@@ -189,7 +208,8 @@ class Engine:
     def stats(self) -> dict:
         """Counters and latency summaries (seconds) for /metrics."""
         with self._wakeup:
-            running, waiting = len(self._rows), len(self._waiting)
+            running = sum(not row.finished for row in self._rows) + (self._chunked is not None)  # ended, not dropped
+            waiting = len(self._waiting)
         return {**self._stats.snapshot(), "requests_running": running, "requests_waiting": waiting,
                 "adapters_resident": len(self.bank.resident())}
 
@@ -198,7 +218,7 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._wakeup:
-                    while not self._stopping and not self._waiting and not self._rows:
+                    while not self._stopping and not self._waiting and not self._rows and self._chunked is None:
                         self._wakeup.wait()
                     if self._stopping:
                         return
@@ -208,27 +228,69 @@ class Engine:
                     self._fail_all(exc)
 
     def _step(self) -> None:
-        """Admit newcomers (prefill), run one decode step, drop finished rows."""
+        """Prefill at most `prefill_chunk` prompt tokens (newcomers, or the next chunk of a long prompt), run one
+        decode step for the running rows, drop finished rows."""
         self._drop_cancelled()
-        for group in prefill_groups(self._take_newcomers(), self.vocab_size):
-            self._prefill(group)
+        if self._chunked is not None:
+            self._prefill_chunk()
+        else:
+            newcomers = self._take_newcomers()
+            if len(newcomers) == 1 and self._chunkable(newcomers[0]):
+                self._chunked = _Chunked(newcomers[0], compat.new_cache(roomy=True))
+                self._prefill_chunk()
+            else:
+                for group in prefill_groups(newcomers, self.vocab_size):
+                    self._prefill(group)
         if self._rows:
             self._decode()
 
     def _take_newcomers(self) -> list[_Row]:
+        """Waiting requests for free rows, as many as fit `prefill_chunk` tokens once left-padded (at least one)."""
         with self._wakeup:
             free = self.max_batch_size - len(self._rows)
-            newcomers = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+            newcomers: list[_Row] = []
+            while self._waiting and len(newcomers) < free:
+                longest = max(len(row.prompt_ids) for row in [*newcomers, self._waiting[0]])
+                if newcomers and longest * (len(newcomers) + 1) > self.prefill_chunk:
+                    break
+                newcomers.append(self._waiting.popleft())
         for row in newcomers:
             if row.handle.cancelled:
                 self._finish(row, "cancelled", None)
         return [row for row in newcomers if not row.finished]
 
+    def _chunkable(self, row: _Row) -> bool:
+        """A prompt longer than `prefill_chunk` is prefilled alone, one chunk per step (unless it wants prompt
+        logprobs, which need every position's logits at once)."""
+        return len(row.prompt_ids) > self.prefill_chunk and row.params.prompt_logprobs is None
+
+    def _prefill_chunk(self) -> None:
+        """Run the next `prefill_chunk` tokens of the long prompt being prefilled (alone: no padding); after its
+        last chunk, sample its first token and join the batch. A cancelled or failing prompt ends alone."""
+        chunked, self._chunked = self._chunked, None
+        row, done = chunked.row, chunked.done
+        if row.handle.cancelled:
+            self._finish(row, "cancelled", None)
+            return
+        end = min(done + self.prefill_chunk, len(row.prompt_ids))
+        input_ids = torch.tensor([row.prompt_ids[done:end]], dtype=torch.long)
+        mask = torch.ones(1, end, dtype=torch.long)
+        positions = torch.arange(done, end, dtype=torch.long)[None]
+        try:
+            logits = self._forward([row], input_ids, mask, positions, chunked.cache)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory for one long prompt
+            self._finish(row, "error", exc)
+            return
+        if end < len(row.prompt_ids):
+            self._chunked = _Chunked(row, chunked.cache, end)
+        else:
+            self._admit([row], chunked.cache, mask, logits, echo=False)
+
     def _prefill(self, newcomers: list[_Row]) -> None:
         """Run the newcomers' prompts (left-padded together), sample their first tokens, join the batch.
         If the forward fails, only the newcomers end (finish_reason "error"); the batch runs on."""
         input_ids, mask, positions = prompt_batch([row.prompt_ids for row in newcomers], self.pad_id)
-        cache = compat.new_cache()
+        cache = compat.new_cache(roomy=True)
         echo = any(row.params.prompt_logprobs is not None for row in newcomers)
         try:
             logits = self._forward(newcomers, input_ids, mask, positions, cache, input_ids.shape[1] if echo else 1)
@@ -236,6 +298,12 @@ class Engine:
             for row in newcomers:
                 self._finish(row, "error", exc)
             return
+        self._admit(newcomers, cache, mask, logits, echo)
+
+    def _admit(self, newcomers: list[_Row], cache: Cache, mask: torch.Tensor, logits: torch.Tensor,
+               echo: bool) -> None:
+        """Join prefilled rows (their cache, mask [rows, columns], logits [rows, kept, vocab]) to the batch and
+        sample their first tokens."""
         for row in newcomers:
             row.length = len(row.prompt_ids)
         with self._wakeup:
@@ -285,7 +353,8 @@ class Engine:
         """Each row's next token from `logits` [rows, vocab]. A row whose logits are not finite, or whose
         sampling fails, ends alone with finish_reason "error"; the other rows go on."""
         greedy = logits.argmax(dim=-1).tolist()
-        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        low, high = torch.aminmax(logits, dim=-1)  # NaN and ±inf reach the extremes: two cheap reductions
+        finite = (torch.isfinite(low) & torch.isfinite(high)).tolist()
         for index, row in enumerate(rows):
             if row.finished:  # failed earlier in this step (its prompt logprobs)
                 continue
@@ -304,7 +373,7 @@ class Engine:
 
     def _advance(self, row: _Row, token: int, logprob: TokenLogprob | None = None) -> None:
         """Emit `token`'s event: its new text, and the finish reason if it ends the request."""
-        if token in self.eos_ids:
+        if token in self.eos_ids and not row.params.ignore_eos:
             text, reason = row.stream.flush(), "stop"
         else:
             text = row.stream.push(token)
@@ -353,10 +422,10 @@ class Engine:
 
     def _fail_all(self, error: Exception) -> None:
         """The forward failed: end every running request with finish_reason "error" and start afresh."""
-        for row in self._rows:
+        for row in [*self._rows, *([self._chunked.row] if self._chunked else [])]:
             self._finish(row, "error", error)
         with self._wakeup:
-            self._rows, self._cache, self._mask = [], None, None
+            self._rows, self._cache, self._mask, self._chunked = [], None, None, None
 
 
 def prefill_groups(rows: list[_Row], vocab_size: int) -> list[list[_Row]]:

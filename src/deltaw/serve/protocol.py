@@ -76,6 +76,7 @@ class SamplingRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     lora: list[LoraScale] | None = None
+    ignore_eos: bool = False  # vLLM's and llama.cpp's extension: generate max_tokens whatever the model says
 
     @field_validator("lora", mode="before")
     @classmethod

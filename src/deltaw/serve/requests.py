@@ -7,11 +7,14 @@ through a queue, so a caller may iterate (blocking) or poll `next_event(timeout)
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from deltaw.serve.logprobs import TokenLogprob
@@ -64,6 +67,7 @@ class RequestHandle:
         self._final: TokenEvent | None = None
         self._done = threading.Event()
         self._cancelled = threading.Event()
+        self._waker: Callable[[], None] | None = None  # set while an event loop awaits the next event
 
     def __iter__(self) -> Iterator[TokenEvent]:
         """Events until (and including) the finishing one."""
@@ -81,6 +85,22 @@ class RequestHandle:
             return self._events.get(timeout=timeout)
         except queue.Empty:
             raise TimeoutError(f"request {self.request_id}: no event within {timeout} s") from None
+
+    async def next_event_async(self) -> TokenEvent:
+        """The next event, awaited on the running event loop: the engine thread wakes the loop when it emits
+        one (no worker thread per waiting request). After the end, the final event again."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._final is not None and self._events.empty():
+                return self._final
+            with contextlib.suppress(queue.Empty):
+                return self._events.get_nowait()
+            arrived = loop.create_future()
+            self._waker = functools.partial(_wake, loop, arrived)
+            if not self._events.empty() or self._final is not None:  # emitted before the waker was set
+                self._waker = None
+                continue
+            await arrived
 
     def result(self) -> Completion:
         """Wait for the end; RuntimeError if the engine failed while running this request."""
@@ -117,6 +137,15 @@ class RequestHandle:
         self._events.put(event)
         if event.finish_reason is not None:
             self._done.set()
+        waker, self._waker = self._waker, None
+        if waker is not None:
+            waker()
+
+
+def _wake(loop: asyncio.AbstractEventLoop, arrived: asyncio.Future) -> None:
+    """From the engine thread: resolve `arrived` on its loop (a no-op if it was cancelled or the loop closed)."""
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+        loop.call_soon_threadsafe(lambda: arrived.done() or arrived.set_result(None))
 
 
 class EngineStats:

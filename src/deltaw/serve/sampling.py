@@ -51,6 +51,8 @@ class SamplingParams:
         logprobs: report each generated token's log-probability and this many most likely alternatives
             (0 to 20); None: no logprobs.
         prompt_logprobs: the same for the prompt's tokens (OpenAI's `echo` with `logprobs`); None: none.
+        ignore_eos: keep generating past the end-of-sequence token, up to max_tokens (vLLM's and llama.cpp's
+            `ignore_eos`: benchmarks ask for exact lengths this way).
     """
 
     max_tokens: int = 128
@@ -60,6 +62,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    ignore_eos: bool = False
 
     def check(self) -> None:
         """Raise SamplingError naming the first bad field and its allowed range."""
@@ -71,6 +74,8 @@ class SamplingParams:
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise SamplingError("top_p", f"top_p must be a number in (0, 1], found {self.top_p!r}")
         self._check_stop()
+        if not isinstance(self.ignore_eos, bool):
+            raise SamplingError("ignore_eos", f"ignore_eos must be true or false, found {self.ignore_eos!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not 0 <= self.seed < SEED_LIMIT):
             raise SamplingError("seed", f"seed must be an integer in [0, 2**64) or None, found {self.seed!r}")

@@ -13,7 +13,7 @@ from deltaw.serve.engine import Engine
 from deltaw.serve.llamacpp import LoraTable
 from deltaw.serve.metrics import ServerMetrics
 
-EVENT_WAITERS = 256  # threads that tokenize or wait on engine events (made on demand; idle ones cost nothing)
+EVENT_WAITERS = 256  # threads that tokenize, submit, or wait for a result (made on demand; idle ones cost nothing)
 NORMALIZER_SLACK = 4  # normalizers may merge characters (NFC: 3 jamo -> 1 Hangul syllable); room for it
 
 

@@ -61,6 +61,7 @@ from torch import nn
 from deltaw.adapters.kinds import Route
 from deltaw.quant.nf4 import NF4Weight
 from deltaw.quant.linear import linear_nf4
+from deltaw.quant.packed import linear_packed, pack, packable
 
 DENSE_MAX_RANK = 256  # the dense path up to this stacked rank (e.g. 16 adapters of r=16), grouped beyond
 
@@ -162,6 +163,8 @@ class RoutedLinear(nn.Linear):
         self.scaling: torch.Tensor | None = None  # [slots] float32 on the CPU: routing metadata, not moved by .to()
         self.ranks: list[int] = []
         self._stack: tuple[int, tuple[torch.Tensor, ...] | None, torch.Tensor | None] | None = None
+        self._packed: tuple[int, int, torch.Tensor] | None = None  # (weight's data_ptr, _version, packed weight)
+        self._factors: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (routing version, packed A, packed B)
 
     # ----------------------------------------------------------------------------- slots
     def reserve(self, slots: int, rank: int) -> None:
@@ -236,6 +239,9 @@ class RoutedLinear(nn.Linear):
             return y
         if len(stack) == 3:  # one adapter in the batch, or a few stacked along the rank
             lora_a, lora_bt, coef = stack
+            if packable(lora_a, x):  # bf16 CPU serving: both factors prepacked for oneDNN once per routing
+                packed_a, packed_b = self._packed_factors(routing.version, lora_a, lora_bt)
+                return y.add_(linear_packed(linear_packed(x, packed_a, None).mul_(coef), packed_b, None))
             ax = F.linear(x, lora_a).mul_(coef)  # [rows, seq, r_max]
             y.view(-1, self.out_features).addmm_(ax.view(-1, ax.shape[-1]), lora_bt)
             return y
@@ -247,11 +253,24 @@ class RoutedLinear(nn.Linear):
         delta = torch.bmm(ax, lora_bt)  # [groups, g·seq, out]
         return y.index_add_(0, rows, delta.view(groups * size, *y.shape[1:]))
 
+    def _packed_factors(self, version: int, lora_a: torch.Tensor,
+                        lora_bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A [r, in] and B [out, r] of the dense stack prepacked for oneDNN, kept until the routing changes."""
+        if self._factors is None or self._factors[0] != version:
+            self._factors = (version, pack(lora_a), pack(lora_bt.t()))
+        return self._factors[1], self._factors[2]
+
     def _base(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """W x (+ bias); an NF4 base (QLoRA) is dequantized on the fly."""
+        """W x (+ bias); an NF4 base (QLoRA) is dequantized on the fly; a bf16 CPU base is read prepacked for
+        oneDNN when serving (quant/packed.py: same results, packed again if the weight changes)."""
         if isinstance(self.weight, NF4Weight):
             return linear_nf4(x, self.weight, bias)
-        return F.linear(x, self.weight, bias)
+        if not packable(self.weight, x):
+            return F.linear(x, self.weight, bias)
+        key = (self.weight.data_ptr(), self.weight._version)
+        if self._packed is None or self._packed[:2] != key:
+            self._packed = (*key, pack(self.weight))
+        return linear_packed(x, self._packed[2], bias)
 
     def _build_gain(self) -> torch.Tensor | None:
         """G [rows, 1, out] = 1 + Σ_j w_ij (g_j − 1) for the current routing, or None when no row's adapter is
