@@ -12,7 +12,7 @@ Layer latency: forward + backward (gradient to the input) of one NF4 linear for 
 shapes on 1024 tokens, deltaw's `linear_nf4` vs bitsandbytes' `Linear4bit`, with each one's error
 against the exact dequantized weight.
 
-    .venv/bin/python bench/qlora.py [--rounds 2] [--steps 4] [--warmup 2] [--device cpu|cuda] [--model DIR]
+    .venv/bin/python bench/qlora.py [--rounds 2] [--steps 4] [--warmup 2] [--threads N] [--device cpu|cuda] [--model DIR]
 """
 
 from __future__ import annotations
@@ -156,8 +156,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--model", default="smollm2-135m-instruct",
                         help="model to load (an HF directory with SmolLM2's shapes works for timing on a GPU machine)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per worker")
     parser.add_argument("--worker", metavar="FRAMEWORK", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if args.worker:
         print(json.dumps(worker(args.worker, args.steps, args.warmup, args.device, args.model)))
         return
@@ -172,7 +174,8 @@ def main() -> None:
     for _ in range(args.rounds):
         for framework in results:
             command = [sys.executable, __file__, "--worker", framework, "--steps", str(args.steps),
-                       "--warmup", str(args.warmup), "--device", args.device, "--model", args.model]
+                       "--warmup", str(args.warmup), "--device", args.device, "--model", args.model,
+                       "--threads", str(args.threads)]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode:
                 sys.exit(f"worker {framework} failed:\n{done.stderr[-3000:]}")

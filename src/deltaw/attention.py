@@ -50,21 +50,23 @@ def eager_attention(
     kv_heads, kv_len = key.shape[1], key.shape[2]
     group = heads // kv_heads
     stacked = (query * scaling).reshape(batch, kv_heads, group * q_len, dim)  # [b, kv_heads, g·q, d]
-    scores = torch.matmul(stacked, key.transpose(2, 3)).view(batch, kv_heads, group, q_len, kv_len)
-    if attention_mask is not None:
+    scores = torch.matmul(stacked, key.transpose(2, 3))  # [b, kv_heads, g·q, kv]
+    if attention_mask is not None:  # in place on the matmul's own output (a view would cost autograd copies)
         scores.add_(_grouped(attention_mask, kv_heads, group).to(scores.dtype))
     probabilities = torch.softmax(scores, dim=-1)
     probabilities = nn.functional.dropout(probabilities, p=dropout, training=module.training)
-    out = torch.matmul(probabilities.view(batch, kv_heads, group * q_len, kv_len), value)  # [b, kv_heads, g·q, d]
+    out = torch.matmul(probabilities, value)  # [b, kv_heads, g·q, d]
     out = out.view(batch, heads, q_len, dim).transpose(1, 2).contiguous()
     return out, probabilities.view(batch, heads, q_len, kv_len)
 
 
 def _grouped(mask: torch.Tensor, kv_heads: int, group: int) -> torch.Tensor:
-    """An additive mask [b|1, 1|heads, q, kv] viewed to broadcast over scores [b, kv_heads, group, q, kv]."""
+    """An additive mask [b|1, 1|heads, q, kv] as [b|1, 1|kv_heads, group·q, kv], to add to the stacked scores
+    (a mask shared by all heads is repeated for the `group` query heads stacked under each key/value head)."""
+    rows, q_len, kv_len = mask.shape[0], mask.shape[2], mask.shape[3]
     if mask.shape[1] == 1:
-        return mask[:, :, None]
-    return mask.view(mask.shape[0], kv_heads, group, *mask.shape[2:])
+        return mask[:, :, None].expand(-1, -1, group, -1, -1).reshape(rows, 1, group * q_len, kv_len)
+    return mask.view(rows, kv_heads, group * q_len, kv_len)
 
 
 compat.register_attention(EAGER, eager_attention, masks_like="eager")
