@@ -77,6 +77,7 @@ def load(framework: str, device: str, model_name: str):
 def worker(framework: str, steps: int, warmup: int, device: str, model_name: str) -> dict:
     from deltaw.models.quantized import quantize_model
     from deltaw.runtime import tune_malloc_for_reuse
+    from deltaw.train.fused_norm import fuse_norms
     from deltaw.train.loop import choose_attention
 
     if framework.startswith("deltaw"):
@@ -86,6 +87,7 @@ def worker(framework: str, steps: int, warmup: int, device: str, model_name: str
     data = [{k: v.to(device) for k, v in b.items()} for b in batches(tokenizer, steps + warmup)]
     if framework.startswith("deltaw"):
         choose_attention(model, SEQ, "bf16")
+        fuse_norms(model)
         if framework == "deltaw-qlora":
             quantize_model(model)
     model, loss_of = with_lora(model, framework.startswith("deltaw"))

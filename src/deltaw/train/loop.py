@@ -42,6 +42,7 @@ from deltaw.train.config import RESUME_FIELDS, TrainConfig
 from deltaw.train.data import IGNORE, Dataset, Example, collate, load_jsonl, pack, split_validation
 from deltaw.train.distributed import Ranks, check_launch, start_ranks
 from deltaw.train.errors import TrainingError
+from deltaw.train.fused_norm import fuse_norms
 from deltaw.train.losses import CausalLMLoss
 from deltaw.train.metrics import MetricsLog, plot_losses
 from deltaw.train.parallel import accumulating, describe, full, held_bytes, parallelize, whole_parameters
@@ -201,6 +202,7 @@ def _prepare(config: TrainConfig, ranks: Ranks) -> Run:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         choose_attention(model, config.seq_len, config.dtype, ranks.device)
+        fuse_norms(model)
     whole = held_bytes(model)
     objective = parallelize(model, ranks, config.fsdp)
     if ranks.distributed:
