@@ -40,7 +40,7 @@ def test_groups_are_the_layers_that_share_their_input():
     groups = {name.rsplit(".", 1)[1]: layer.shared_input for name, layer in lora_layers(model)}
     layers = dict(lora_layers(model))
     attention = layers["model.layers.0.self_attn.q_proj"].shared_input
-    assert [m for m in attention.members] == [layers[f"model.layers.0.self_attn.{n}_proj"] for n in "qkv"]
+    assert attention.members == [layers[f"model.layers.0.self_attn.{n}_proj"] for n in "qkv"]
     assert layers["model.layers.0.mlp.up_proj"].shared_input.members == [
         layers["model.layers.0.mlp.gate_proj"], layers["model.layers.0.mlp.up_proj"]]
     assert groups["o_proj"] is None and groups["down_proj"] is None

@@ -6,7 +6,7 @@ float32 copy of x, x̂ and its rounding for backward, and the backward takes abo
 [tokens, hidden]. `RMSNormFunction` computes the same forward, saves only x (which the residual stream
 keeps anyway) and rstd [tokens, 1], and takes the gradient in float32 in place:
 
-    g̃ = g ⊙ w   dx = rstd · (g̃ − x̂ · mean(g̃ ⊙ x̂))        (dw = Σ_rows g ⊙ round(x̂), if w is trained)
+    g̃ = g ⊙ w   dx = rstd · (g̃ − x̂ · mean(g̃ ⊙ x̂))   (dw = Σ_rows g ⊙ round(x̂), if w is trained)
 
 The forward is bit-identical; the gradient differs from plain autograd's only in that g ⊙ w is not rounded
 to bf16 before the float32 arithmetic (it is more exact, within one bf16 rounding). `fuse_norms(model)`
