@@ -39,7 +39,7 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], CHUNK_ROWS):
             rows = slice(start, start + CHUNK_ROWS)
             logits = hidden[rows].to(compute) @ weight.t()  # [n, V]
-            # one pass reads the logits in the compute dtype and writes float32 log-probabilities
+            # a cast and one log_softmax pass, where max, subtract, exp, sum, log and divide took one pass each
             log_probs = torch.log_softmax(logits, dim=1, dtype=accumulate)
             del logits
             target = targets[rows]
