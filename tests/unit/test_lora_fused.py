@@ -84,3 +84,11 @@ def test_fused_path_is_used_in_training_only(monkeypatch):
     assert calls == []
     model(input_ids=tokens).logits.sum().backward()
     assert calls == [3, 1, 2, 1] * 2  # q/k/v, o, gate/up, down in each of the two blocks
+
+
+def test_a_trained_base_weight_keeps_the_layer_by_layer_path():
+    model = adapted(torch.float32)
+    layer = dict(lora_layers(model))["model.layers.1.self_attn.k_proj"]
+    layer.weight.requires_grad_(True)
+    model(input_ids=torch.randint(0, 128, (1, 5))).logits.sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0

@@ -131,8 +131,11 @@ class SharedInput:
 
 def fusable(layer: nn.Module, name: str | None, x: torch.Tensor) -> bool:
     """Whether `layer` can run adapter `name` in the fused node: plain LoRA (no DoRA), no dropout at work, nothing
-    merged, gradients wanted, and one compute dtype for everything (autocast, or all dtypes equal)."""
+    merged, gradients wanted (but none for the base weight, which the node treats as frozen), and one compute
+    dtype for everything (autocast, or all dtypes equal)."""
     if not ENABLED or name is None or layer.active != name or layer.merged is not None or not layer.has(name):
+        return False
+    if getattr(layer.weight, "requires_grad", False):
         return False
     if layer.is_dora(name) or (layer.lora_dropout[name] > 0 and layer.training) or not torch.is_grad_enabled():
         return False
