@@ -12,7 +12,8 @@ Layer latency: forward + backward (gradient to the input) of one NF4 linear for 
 shapes on 1024 tokens, deltaw's `linear_nf4` vs bitsandbytes' `Linear4bit`, with each one's error
 against the exact dequantized weight.
 
-    .venv/bin/python bench/qlora.py [--rounds 2] [--steps 4] [--warmup 2] [--device cpu|cuda] [--model DIR]
+    .venv/bin/python bench/qlora.py [--rounds 2] [--steps 4] [--warmup 2] [--threads N] [--device cpu|cuda]
+        [--model DIR]
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def load(framework: str, device: str, model_name: str):
 def worker(framework: str, steps: int, warmup: int, device: str, model_name: str) -> dict:
     from deltaw.models.quantized import quantize_model
     from deltaw.runtime import tune_malloc_for_reuse
+    from deltaw.train.fused_norm import fuse_norms
     from deltaw.train.loop import choose_attention
 
     if framework.startswith("deltaw"):
@@ -86,6 +88,7 @@ def worker(framework: str, steps: int, warmup: int, device: str, model_name: str
     data = [{k: v.to(device) for k, v in b.items()} for b in batches(tokenizer, steps + warmup)]
     if framework.startswith("deltaw"):
         choose_attention(model, SEQ, "bf16")
+        fuse_norms(model)
         if framework == "deltaw-qlora":
             quantize_model(model)
     model, loss_of = with_lora(model, framework.startswith("deltaw"))
@@ -96,9 +99,9 @@ def worker(framework: str, steps: int, warmup: int, device: str, model_name: str
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     for index, batch in enumerate(data):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         with torch.autocast(device, dtype=torch.bfloat16):
             loss = loss_of(batch)
         loss.backward()
@@ -106,12 +109,14 @@ def worker(framework: str, steps: int, warmup: int, device: str, model_name: str
         optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         losses.append(loss.item())
         if index >= warmup:
             times.append(elapsed)
+            cpu_times.append(cpu)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_rss_kib() / 1024
-    return {"times": times, "losses": losses, "peak_mib": peak, "trainable": trainable, **base_bytes(model)}
+    return {"times": times, "cpu_times": cpu_times, "losses": losses, "peak_mib": peak, "trainable": trainable,
+            **base_bytes(model)}
 
 
 def layer_latency(device: str, repeats: int = 20) -> list[dict]:
@@ -156,8 +161,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--model", default="smollm2-135m-instruct",
                         help="model to load (an HF directory with SmolLM2's shapes works for timing on a GPU machine)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per worker")
     parser.add_argument("--worker", metavar="FRAMEWORK", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if args.worker:
         print(json.dumps(worker(args.worker, args.steps, args.warmup, args.device, args.model)))
         return
@@ -172,22 +179,25 @@ def main() -> None:
     for _ in range(args.rounds):
         for framework in results:
             command = [sys.executable, __file__, "--worker", framework, "--steps", str(args.steps),
-                       "--warmup", str(args.warmup), "--device", args.device, "--model", args.model]
+                       "--warmup", str(args.warmup), "--device", args.device, "--model", args.model,
+                       "--threads", str(args.threads)]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode:
                 sys.exit(f"worker {framework} failed:\n{done.stderr[-3000:]}")
             output = done.stdout
             results[framework].append(json.loads(output.strip().splitlines()[-1]))
     medians = {f: statistics.median(t for r in rs for t in r["times"]) for f, rs in results.items()}
+    cpu = {f: statistics.median(t for r in rs for t in r["cpu_times"]) for f, rs in results.items()}
     counts = {r["trainable"] for rs in results.values() for r in rs}
     assert len(counts) == 1, f"the runs train different parameter counts: {counts}"
     memory = "peak GPU memory" if args.device == "cuda" else "peak RSS"
-    print(f"| run | s/step (median) | tokens/s | tokens/s vs PEFT+bnb | {memory} (MiB) | quantized layers (MiB) "
-          "| other base weights (MiB) | first-step loss |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| run | s/step (median) | tokens/s | tokens/s vs PEFT+bnb | CPU s/step | CPU time vs PEFT+bnb "
+          f"| {memory} (MiB) | quantized layers (MiB) | other base weights (MiB) | first-step loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for framework, runs in results.items():
         step, run = medians[framework], runs[0]
         print(f"| {framework} | {step:.2f} | {BATCH * SEQ / step:,.0f} | {medians['peft+bnb'] / step:.2f}x | "
+              f"{cpu[framework]:.2f} | {cpu['peft+bnb'] / cpu[framework]:.2f}x | "
               f"{max(r['peak_mib'] for r in runs):,.0f} | {run['quantized'] / 2**20:,.1f} | "
               f"{run['other'] / 2**20:,.1f} | {run['losses'][0]:.4f} |")
     print("\n| layer (out x in) | deltaw fwd+bwd (ms) | bitsandbytes fwd+bwd (ms) | speed-up | deltaw max error "

@@ -55,9 +55,10 @@ def peak_rss_kib() -> int:
 
 def prepared(framework: str, dtype_name: str, count: int) -> tuple[torch.nn.Module, list[dict], torch.dtype]:
     """The bundled model in `dtype_name`, `count` batches, and, for "deltaw" and "peft+settings", deltaw's
-    allocator setting and attention choice."""
+    allocator setting and attention choice (and for "deltaw", its fused RMSNorm, as `deltaw train` runs)."""
     import deltaw
     from deltaw.runtime import tune_malloc_for_reuse
+    from deltaw.train.fused_norm import fuse_norms
     from deltaw.train.loop import choose_attention
 
     if framework in ("deltaw", "peft+settings"):
@@ -67,6 +68,8 @@ def prepared(framework: str, dtype_name: str, count: int) -> tuple[torch.nn.Modu
     model.config.use_cache = False
     if framework in ("deltaw", "peft+settings"):
         choose_attention(model, SEQ, dtype_name)
+    if framework == "deltaw":
+        fuse_norms(model)
     return model, batches(tokenizer, count), dtype
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 LAYERS = [  # (module prefix, layer), the most specific prefix wins
-    ("deltaw.compat", 0), ("deltaw.runtime", 0), ("deltaw.flags", 0),
+    ("deltaw.compat", 0), ("deltaw.attention", 0), ("deltaw.runtime", 0), ("deltaw.flags", 0),
     ("deltaw.quant", 1),
     ("deltaw.adapters", 2), ("deltaw.adapters.lora", 3), ("deltaw.adapters.prefix", 3),
     ("deltaw.models", 4),

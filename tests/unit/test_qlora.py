@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import deltaw
 from deltaw.adapters.lora import LoRALinear
 from deltaw.adapters.lora import lora_layers
+from deltaw.adapters.lora import fused
 from deltaw.quant.nf4 import NF4Weight, quantize
 from deltaw.quant.linear import NF4Linear, linear_nf4, quantized_layers
 from deltaw.models.quantized import load_quantized, nf4_bytes, quantize_model, save_quantized
@@ -58,8 +59,11 @@ def test_quantize_model_frees_the_float_weights_and_holds_4_127_bits(tiny, token
     assert tiny(tokens).logits.isfinite().all()
 
 
-def test_qlora_forward_and_backward_never_hold_a_dequantized_weight(tiny, tokens):
-    """Measured: every tensor autograd saves for backward, by shape; none is a weight-sized float copy."""
+@pytest.mark.parametrize("fused_path", [True, False])
+def test_qlora_forward_and_backward_never_hold_a_dequantized_weight(tiny, tokens, monkeypatch, fused_path):
+    """Measured: every tensor autograd saves for backward, by shape; none is a weight-sized float copy. With
+    the fused training path (deltaw.adapters.lora.fused) and without it."""
+    monkeypatch.setattr(fused, "ENABLED", fused_path)
     quantize_model(tiny)
     deltaw.add_lora(tiny, deltaw.LoRAConfig(rank=4))
     randomize_lora_b(tiny, "default")
@@ -73,12 +77,14 @@ def test_qlora_forward_and_backward_never_hold_a_dequantized_weight(tiny, tokens
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         loss = tiny(tokens).logits.square().mean()
     assert saved and not [s for s in saved if tuple(s) in weight_shapes]
-    nodes = autograd_nodes(loss.grad_fn, "_LinearNF4")
-    # 14 quantized layers; layer 0's q/k/v read the frozen embeddings, so need no backward: 11 nodes, each
-    # holding the packed weight and no float tensor
-    assert len(nodes) == 11
+    nodes = autograd_nodes(loss.grad_fn, "SharedInputLoRA" if fused_path else "_LinearNF4")
+    # 14 quantized layers. Fused: one node per group (q/k/v, o, gate/up, down) of each of the 2 blocks. Layer
+    # by layer: layer 0's q/k/v read the frozen embeddings, so their base products need no backward: 11 nodes.
+    # Each node holds the packed weights and no float tensor
+    assert len(nodes) == (8 if fused_path else 11)
     for node in nodes:
-        assert isinstance(node.weight, NF4Weight)
+        weights = [layer.weight for layer in node.layers] if fused_path else [node.weight]
+        assert all(isinstance(weight, NF4Weight) for weight in weights)
         assert not [v for v in vars(node).values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
     loss.backward()
     trainable = [p for p in tiny.parameters() if p.requires_grad]

@@ -98,8 +98,11 @@ def _scale_blocks_(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -
 
 @functools.lru_cache(maxsize=None)
 def _code_pairs(device: torch.device) -> torch.Tensor:
-    """[256, 2] fp32: byte b -> (code[b >> 4], code[b & 15]), so one gather unpacks two values."""
-    return torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=1).to(device)
+    """[256] int64: byte b -> the two fp32 values (code[b >> 4], code[b & 15]) side by side in memory, as one
+    64-bit word, so one gather of 8-byte elements unpacks both nibbles of a byte (a 1-D gather: on CPU ~6x
+    faster than gathering rows of a [256, 2] float table); `.view(torch.float32)` reads the values back."""
+    pairs = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=1).contiguous()
+    return pairs.view(torch.int64).view(-1).to(device)
 
 
 class NF4Weight(nn.Module):
@@ -202,7 +205,7 @@ class NF4Weight(nn.Module):
     ) -> torch.Tensor:
         """The weight [shape] in `dtype` (default: the compute dtype): code[q] · absmax, computed in fp32.
 
-        One gather of a [256, 2] table unpacks both nibbles of each byte; the scaling is in place.
+        One gather of a [256] table of value pairs unpacks both nibbles of each byte; the scaling is in place.
         `out` (numel values, any float dtype) receives the result; `scratch` = (int32 [bytes], fp32
         [2·bytes]) holds the intermediates. With both given, nothing is allocated (see nf4_linear).
         """
@@ -210,14 +213,10 @@ class NF4Weight(nn.Module):
         if scratch is None:
             pairs = torch.index_select(table, 0, self.packed.int())
         else:
-            indices, pairs = scratch[0].copy_(self.packed), scratch[1].view(-1, 2)
+            indices, pairs = scratch[0].copy_(self.packed), scratch[1].view(torch.int64)
             torch.index_select(table, 0, indices, out=pairs)
+        pairs = pairs.view(torch.float32)
         values = pairs.view(-1)[: self.shape.numel()]
-        if out is not None and out.dtype != torch.float32 and values.numel() % self.blocksize == 0:
-            # scale and round to out's dtype in one pass (the product is formed in fp32, then rounded once)
-            blocks = values.view(-1, self.blocksize)
-            torch.mul(blocks, self.block_absmax().view(-1, 1), out=out.view(-1, self.blocksize))
-            return out.view(self.shape)
         values = _scale_blocks_(values, self.block_absmax(), self.blocksize)
         if out is None:
             return values.view(self.shape).to(dtype or self.dtype)

@@ -5,7 +5,7 @@ largest activation ([tokens, 49152] floats: 200 MB for 4×256 tokens, and as muc
 gradient). With a frozen head (LoRA trains it only when targeted, trainable tokens only when it is tied to
 the embedding; otherwise the plain path below), the loss needs only d(loss)/d(hidden):
 
-    logits = h·Wᵀ (chunk of rows)   loss = Σ logsumexp(logits) − logits[target]
+    logits = h·Wᵀ (chunk of rows)   loss = −Σ log_softmax(logits)[target]   (log_softmax in float32)
     d loss / d h = (softmax(logits) − onehot(target))·W
 
 `FrozenHeadCrossEntropy` computes both chunk by chunk in the forward pass and keeps only the
@@ -38,15 +38,14 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden, dtype=compute) if ctx.needs_input_grad[0] else None
         for start in range(0, hidden.shape[0], CHUNK_ROWS):
             rows = slice(start, start + CHUNK_ROWS)
-            logits = (hidden[rows].to(compute) @ weight.t()).to(accumulate)  # [n, V]
+            logits = hidden[rows].to(compute) @ weight.t()  # [n, V]
+            # a cast and one log_softmax pass, where max, subtract, exp, sum, log and divide took one pass each
+            log_probs = torch.log_softmax(logits, dim=1, dtype=accumulate)
+            del logits
             target = targets[rows]
-            target_logit = logits.gather(1, target[:, None]).squeeze(1)
-            # log-sum-exp and softmax in place on the one [n, V] buffer (torch.logsumexp makes copies)
-            peak = logits.amax(dim=1, keepdim=True)
-            sums = logits.sub_(peak).exp_().sum(dim=1, keepdim=True)
-            total += (peak + sums.log()).squeeze(1).sub_(target_logit).sum()
+            total -= log_probs.gather(1, target[:, None]).sum()
             if grad_hidden is not None:
-                probs = logits.div_(sums)
+                probs = log_probs.exp_()
                 probs[torch.arange(len(target), device=target.device), target] -= 1.0
                 grad_hidden[rows] = probs.to(compute) @ weight
         ctx.save_for_backward(grad_hidden)

@@ -12,6 +12,7 @@ from torch import nn
 from deltaw.adapters.lora.dora import initial_magnitude
 from deltaw.adapters.lora.config import LoRAConfig
 from deltaw.adapters.lora.embedding import LoRAEmbedding, TokenHead
+from deltaw.adapters.lora.fused import join_siblings
 from deltaw.adapters.lora.layer import LoRALinear, init_lora_weights
 from deltaw.adapters.manage import set_adapter
 from deltaw.adapters.state import AdapterRecord, adapters_of, check_new_name, count_parameters
@@ -76,6 +77,7 @@ def wrap_linear(model: nn.Module, module_name: str) -> LoRALinear:
         raise TypeError(f"{module_name!r} is a {type(module).__name__}, not nn.Linear")
     layer = LoRALinear(module)
     model.set_submodule(module_name, layer)
+    join_siblings(model, module_name, layer)
     return layer
 
 

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltaw.adapters.lora import fused
 from deltaw.adapters.lora.dora import DoRAOutput, adapted_row_norms, dora_gain, dora_weight
 from deltaw.adapters.state import check_adapter_name
 from deltaw.quant.linear import NF4Linear, linear_nf4
@@ -81,6 +82,8 @@ class LoRALinear(nn.Module):
         unmerged_weight: [out, in] copy of the base weight, made by the first merge; it holds the base
             weight whenever `merged` is set, and is scratch space otherwise (the NF4 branch keeps the
             original NF4Weight instead).
+        shared_input: the group of sibling layers that read the same input (q/k/v, gate/up) and train as
+            one autograd node (deltaw.adapters.lora.fused), or None.
         merge_error: after a merge into an NF4 weight, ||Q(W + ΔW) − (W + ΔW)|| / ||ΔW|| (Frobenius):
             the re-quantization error relative to the update; None otherwise.
     """
@@ -101,6 +104,7 @@ class LoRALinear(nn.Module):
         self.active: str | None = None
         self.merged: str | None = None
         self.merge_error: float | None = None
+        self.shared_input: fused.SharedInput | None = None
         self.register_buffer("unmerged_weight", None, persistent=False)
 
     @property
@@ -177,6 +181,8 @@ class LoRALinear(nn.Module):
         name = self.active
         if name is None or self.merged is not None:
             return self._base(x, self.bias)
+        if fused.fusable(self, name, x):  # training: one autograd node (with the siblings that share x)
+            return self.shared_input.output(self, x) if self.shared_input else fused.lora_forward(x, [self], name)[0]
         dropout = self.lora_dropout[name]
         dropped = F.dropout(x, dropout, training=True) if dropout > 0 and self.training else x
         if name in self.lora_magnitude:

@@ -34,13 +34,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deltaw import compat
+from deltaw import attention, compat
 from deltaw.adapters.prefix.layout import PrefixShape, split_prefix
 from deltaw.adapters.state import adapters_of
 
 PREFIX_STORE = "deltaw_prefixes"  # the submodule of a model that holds its prefix adapters
 PREFIX_KWARG = "deltaw_prefix"
-PREFIX_ATTENTION = {"sdpa": "deltaw_prefix_sdpa", "eager": "deltaw_prefix_eager"}
+PREFIX_ATTENTION = {"sdpa": "deltaw_prefix_sdpa", "eager": "deltaw_prefix_eager",
+                    attention.EAGER: "deltaw_prefix_deltaw_eager"}
 _OUTER = "_deltaw_prefix_model"
 _HOOKED = "_deltaw_prefix_hook"
 
@@ -240,8 +241,10 @@ def _prefixed(inner_name: str):
 
 
 def _inner_attention(module: nn.Module, inner_name: str):
+    if inner_name == attention.EAGER:
+        return attention.eager_attention
     return compat.sdpa_attention() if inner_name == "sdpa" else compat.eager_attention(module)
 
 
 for _inner, _name in PREFIX_ATTENTION.items():
-    compat.register_attention(_name, _prefixed(_inner), masks_like=_inner)
+    compat.register_attention(_name, _prefixed(_inner), masks_like="sdpa" if _inner == "sdpa" else "eager")
