@@ -59,7 +59,8 @@ def test_subset_targets_and_per_layer_ranks_round_trip(tmp_path):
     model.model.layers[1].self_attn.k_proj.add_adapter("default", torch.randn(2, 64), torch.randn(32, 2), 3.0)
     randomize_lora_b(model, "default")
     tokens = torch.arange(12).reshape(1, 12)
-    expected = model(tokens).logits
+    with torch.no_grad():  # inference: the fused training node (grad enabled, frozen base) rounds differently
+        expected = model(tokens).logits
     path = deltaw.save_adapter(model, tmp_path / "a", "default")
     config = json.loads((path / CONFIG_FILE).read_text())
     assert re.fullmatch(config["target_modules"], "model.layers.1.self_attn.q_proj")
@@ -68,7 +69,8 @@ def test_subset_targets_and_per_layer_ranks_round_trip(tmp_path):
     fresh = make_tiny_llama()
     deltaw.load_adapter(fresh, path, "x")
     deltaw.set_adapter(fresh, "x")
-    assert torch.equal(fresh(tokens).logits, expected)
+    with torch.no_grad():
+        assert torch.equal(fresh(tokens).logits, expected)
 
 
 def rewrite_tensors(path, change):
