@@ -127,7 +127,6 @@ class AdapterBank:
                                     f"adapter's files in {resolved.name}/ there (or check the name)")
         self._load(name, resolved, False, root=self.adapters_dir)
 
-
     def _load(self, name: str, path: Path, pin: bool, root: Path | None) -> None:
         check_adapter_name(name)
         kind, planned = self._read(path, root)
