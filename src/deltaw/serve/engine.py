@@ -380,21 +380,24 @@ class Engine:
             reason = "stop" if row.stream.stopped else None
             if reason is None and row.handle.completion_tokens + 1 >= row.params.max_tokens:
                 text, reason = text + row.stream.flush(), "length"
-        row.handle._emit(TokenEvent(text, token, reason, logprob))
-        if reason is not None:
-            self._close(row)
+        event = TokenEvent(text, token, reason, logprob)
+        if reason is None:
+            row.handle._emit(event)
+        else:
+            self._close(row, event)
 
     def _finish(self, row: _Row, reason: str, error: BaseException | None) -> None:
         """End `row`'s request without a token (cancelled, failed, shut down)."""
         if row.finished:
             return
         row.handle.error = error
-        row.handle._emit(TokenEvent(row.stream.flush() if error is None else "", None, reason))
-        self._close(row)
+        self._close(row, TokenEvent(row.stream.flush() if error is None else "", None, reason))
 
-    def _close(self, row: _Row) -> None:
+    def _close(self, row: _Row, last: TokenEvent) -> None:
+        """Release the row's adapter slots, then emit its last event: a client holding its answer finds them free."""
         row.finished = True
         self.bank.release(row.route)
+        row.handle._emit(last)
         self._stats.finished(row.handle)
 
     def _drop_cancelled(self) -> None:
