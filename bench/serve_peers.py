@@ -118,9 +118,9 @@ class Server:
 
 
 @contextlib.contextmanager
-def deltaw_server(adapters: dict[str, Path], threads: int, dtype: str) -> Iterator[Server]:
+def deltaw_server(adapters: dict[str, Path], threads: int, dtype: str, rows: int) -> Iterator[Server]:
     port = free_port()
-    command = [sys.executable, "-m", "deltaw", "serve", "--port", str(port), "--max-batch-size", "16",
+    command = [sys.executable, "-m", "deltaw", "serve", "--port", str(port), "--max-batch-size", str(rows),
                "--log-level", "warning", *(arg for n, p in adapters.items() for arg in ("--adapter", f"{n}={p}"))]
     if dtype:
         command += ["--dtype", dtype]
@@ -130,11 +130,11 @@ def deltaw_server(adapters: dict[str, Path], threads: int, dtype: str) -> Iterat
 
 
 @contextlib.contextmanager
-def vllm_server(adapters: dict[str, Path], threads: int) -> Iterator[Server]:
+def vllm_server(adapters: dict[str, Path], threads: int, rows: int) -> Iterator[Server]:
     port = free_port()
     command = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model_dir(BUNDLED_NAME),
                "--served-model-name", "smollm2", "--dtype", "bfloat16", "--port", str(port), "--enable-lora",
-               "--max-lora-rank", "16", "--max-loras", "4", "--max-model-len", "2048", "--max-num-seqs", "16",
+               "--max-lora-rank", "16", "--max-loras", "4", "--max-model-len", "2048", "--max-num-seqs", str(rows),
                "--lora-modules", *(f"{name}={path}" for name, path in adapters.items())]
     env = {"VLLM_CPU_OMP_THREADS_BIND": "0" if threads == 1 else f"0-{threads - 1}", "VLLM_CPU_KVCACHE_SPACE": "1"}
     with server_process("vllm", command, port, timeout=900, env=env) as url:
@@ -142,10 +142,10 @@ def vllm_server(adapters: dict[str, Path], threads: int) -> Iterator[Server]:
 
 
 @contextlib.contextmanager
-def llama_server(ggufs: list[Path], threads: int) -> Iterator[Server]:
+def llama_server(ggufs: list[Path], threads: int, rows: int) -> Iterator[Server]:
     port = free_port()
-    command = [str(LLAMA_SERVER), "-m", str(bf16_gguf()), "--port", str(port), "-t", str(threads), "-c", "16384",
-               "-np", "16", "--no-webui", "--lora-init-without-apply", *(a for g in ggufs for a in ("--lora", str(g)))]
+    command = [str(LLAMA_SERVER), "-m", str(bf16_gguf()), "--port", str(port), "-t", str(threads), "-c", str(1024 * rows),
+               "-np", str(rows), "--no-webui", "--lora-init-without-apply", *(a for g in ggufs for a in ("--lora", str(g)))]
     with server_process("llama-server", command, port, timeout=300) as url:
         yield Server("llama.cpp", f"llama.cpp {llama_version()}", url, "smollm2", {g.stem: i for i, g in enumerate(ggufs)})
 
@@ -233,6 +233,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--many", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of every server")
+    parser.add_argument("--rows", type=int, default=64,
+                        help="the most requests every server runs in one batch (deltaw --max-batch-size, vLLM "
+                             "--max-num-seqs, llama-server -np)")
     parser.add_argument("--servers", default="deltaw,vllm,llama.cpp")
     parser.add_argument("--many-servers", default="deltaw,vllm,llama.cpp",
                         help="servers that run the --many workload (llama.cpp takes minutes for it on 2 cores)")
@@ -247,16 +250,16 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         servers = []
         if "deltaw" in wanted:
-            servers.append(stack.enter_context(deltaw_server(adapters, args.threads, args.deltaw_dtype)))
+            servers.append(stack.enter_context(deltaw_server(adapters, args.threads, args.deltaw_dtype, args.rows)))
         if "vllm" in wanted:
             if VLLM_PYTHON.exists():
-                servers.append(stack.enter_context(vllm_server(adapters, args.threads)))
+                servers.append(stack.enter_context(vllm_server(adapters, args.threads, args.rows)))
             else:
                 skipped.append(f"vLLM: {VLLM_PYTHON} missing (run tests/peers/setup_peers.sh)")
         if "llama.cpp" in wanted:
             if LLAMA_SERVER.exists():
                 servers.append(stack.enter_context(llama_server(write_gguf_adapters(adapters, args.work),
-                                                                args.threads)))
+                                                                args.threads, args.rows)))
             else:
                 skipped.append(f"llama.cpp: {LLAMA_SERVER} missing (run tests/peers/setup_peers.sh)")
         results = run_rounds(servers, questions, args)

@@ -78,7 +78,7 @@ def test_a_hundred_adapters_load_and_route_in_one_batch(bundled_pristine, tmp_pa
     assert memory["base"] == sum(t.numel() * t.element_size() for t in [*pristine.parameters(), *pristine.buffers()])
     tokens = torch.randint(0, 49152, (100, 4), generator=torch.Generator().manual_seed(0))
     routes = [bank.acquire(f"a{index}") for index in range(100)]
-    with bank.lock, torch.inference_mode():
+    with bank.forward_lock, torch.inference_mode():
         bank.set_routing(routes)
         fast = model(tokens).logits
         bank.stores["lora"].routing.reference = True

@@ -53,7 +53,7 @@ def routed_logits(bank: AdapterBank, tokens: torch.Tensor, choices: list, refere
     """Logits [rows, seq, vocab] with row i routed to choices[i]."""
     routes = [bank.acquire(choice) for choice in choices]
     try:
-        with bank.lock, torch.no_grad():
+        with bank.forward_lock, torch.no_grad():
             bank.set_routing(routes)
             bank.stores["lora"].routing.reference = reference
             return bank.model(tokens).logits
@@ -175,7 +175,7 @@ def test_replacing_an_adapter_keeps_running_requests_on_the_old_weights(adapters
     running = bank.acquire("x")
     bank.load("x", adapters["full"])
     new_logits = routed_logits(bank, tokens, ["x"])
-    with bank.lock, torch.no_grad():
+    with bank.forward_lock, torch.no_grad():
         bank.set_routing([running])
         still_old = bank.model(tokens).logits
     assert (still_old - old_logits).abs().max() <= 1e-5 and (new_logits - old_logits).abs().max() > 1e-2
@@ -206,6 +206,36 @@ def test_replacing_while_forwards_run_never_shows_a_half_written_adapter(adapter
         replacer.join()
     assert (versions[0] - versions[1]).abs().max() > 1e-2
     assert all(min((logits - v).abs().max() for v in versions) <= 1e-5 for logits in seen)
+
+
+def test_adapter_names_are_checked_while_a_forward_runs(adapters):
+    bank = make_bank(adapters)
+    answers: list = []
+
+    def check_names() -> None:  # what the server's event loop does for every request
+        bank.resolve("full")
+        answers.append(bank.names())
+
+    with bank.forward_lock:  # a forward in progress
+        checker = threading.Thread(target=check_names)
+        checker.start()
+        checker.join(timeout=30)
+    assert answers == [sorted(adapters)]  # answered while the forward held the weights, not after
+
+
+def test_rows_coming_and_going_reuse_the_stacked_factors_until_a_slot_is_rewritten(adapters):
+    bank = make_bank({"attn": adapters["attn"], "full": adapters["full"]})
+    layer = bank.stores["lora"].layers["model.layers.0.self_attn.q_proj"]
+    tokens = torch.randint(0, 128, (3, 5), generator=torch.Generator().manual_seed(5))
+    routed_logits(bank, tokens[:2], ["attn", "full"])
+    factors = dict(layer._factors)
+    routed_logits(bank, tokens, ["full", None, "attn"])  # other rows, the same adapters
+    assert len(factors) == 1 and layer._factors == factors
+    assert all(layer._factors[key] is entry for key, entry in factors.items())  # not rebuilt
+    bank.unload("attn")
+    bank.load("mlp", adapters["mlp"])  # into the slot "attn" had: its factors are read anew
+    fast = routed_logits(bank, tokens, ["full", "mlp", None])
+    assert (fast - routed_logits(bank, tokens, ["full", "mlp", None], reference=True)).abs().max() <= 1e-5
 
 
 def test_unknown_names_are_key_errors_listing_the_known_ones(adapters):

@@ -18,7 +18,7 @@ def reference_logprobs(engine, prompt: list[int], tokens: list[int], choice) -> 
     bank = engine.bank
     route = bank.acquire(choice)
     try:
-        with bank.lock, torch.no_grad():  # the engine sets its own routing again before its next forward
+        with bank.forward_lock, torch.no_grad():  # the engine sets its own routing again before its next forward
             bank.set_routing([route])
             logits = bank.model(torch.tensor([prompt + tokens])).logits[0]
     finally:

@@ -14,6 +14,7 @@ CPU whose oneDNN has bf16 kernels, no gradient wanted). DELTAW_PACKED_LINEAR=0 t
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -26,7 +27,13 @@ def packable(weight: torch.Tensor, x: torch.Tensor) -> bool:
     outside autograd, and not turned off by DELTAW_PACKED_LINEAR=0."""
     return (weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and weight.device.type == "cpu"
             and not torch.is_grad_enabled() and os.environ.get("DELTAW_PACKED_LINEAR", "1") != "0"
-            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+            and _onednn_bf16())
+
+
+@functools.cache
+def _onednn_bf16() -> bool:
+    """Whether this CPU's oneDNN has bf16 kernels (asked once: it is called for every linear layer)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:

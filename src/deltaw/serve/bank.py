@@ -16,9 +16,12 @@ Capacity: at most `max_resident` slots, shared by all kinds. Loading one more ev
 recently used adapter that no request is using and that is not pinned; an evicted adapter stays known
 and is read back from disk when a request asks for it.
 
-Concurrency: every change of the stores or of the name -> slot map happens under `bank.lock`, and
-the engine holds that lock for each forward pass, so a forward never sees a half-written slot.
-Reading and validating a file happens outside the lock. A new or replacing adapter is written into
+Concurrency: two locks. Every change of the stores' contents happens under `bank.forward_lock`, which
+the engine holds for each forward pass, so a forward never sees a half-written slot. The name -> slot
+map, the LRU order and the slots' users are under `bank.lock`, which a forward does not hold: the
+server's event loop checks a request's adapter names (`resolve`, `names`) without waiting for a forward
+to end (a lock taken in that order: `lock`, then `forward_lock`, never the reverse). Reading and
+validating a file happens outside both. A new or replacing adapter is written into
 a free slot first and only then published under its name: requests admitted later use it, while
 requests already running keep the slot they were admitted with and finish on the old weights
 (`acquire` counts references per slot; a replaced or unloaded slot is freed when its last request
@@ -92,7 +95,8 @@ class AdapterBank:
         self.model, self.max_resident = model, max_resident
         self.adapters_dir = None if adapters_dir is None else Path(adapters_dir).resolve()
         self.ignore_fingerprint, self.wait_for_slot = ignore_fingerprint, wait_for_slot
-        self.lock = threading.RLock()
+        self.lock = threading.RLock()  # the name -> slot map, the LRU order, the slots' users: held briefly
+        self.forward_lock = threading.Lock()  # the stores' contents: held for a forward and for a slot's write
         self._slot_freed = threading.Condition(self.lock)
         self.stores: dict[str, SlotStore] = {kind.name: kind.slot_store(model, max_resident) for kind in all_kinds()}
         self._known: dict[str, _Known] = {}
@@ -231,7 +235,7 @@ class AdapterBank:
                     self._slot_freed.notify_all()
 
     def set_routing(self, routes: list[Route]) -> None:
-        """Route row i of the next forward passes to `routes[i]` (call with `lock` held): each store gets
+        """Route row i of the next forward passes to `routes[i]` (call with `forward_lock` held): each store gets
         the rows' routes restricted to its own slots."""
         for store in self.stores.values():
             store.route([tuple(entry for entry in route if self._slot_store[entry[0]] is store) for route in routes])
@@ -299,11 +303,12 @@ class AdapterBank:
     def _write(self, slot: int, kind: AdapterKind, planned: object) -> None:
         """Write `planned` into `slot` of its kind's store; the store that held the slot before forgets it."""
         store = self.stores[kind.name]
-        previous = self._slot_store[slot]
-        if previous is not None and previous is not store:  # an evicted adapter of another kind
-            previous.clear(slot)
-        store.write(slot, planned)
-        self._slot_store[slot] = store
+        with self.forward_lock:
+            previous = self._slot_store[slot]
+            if previous is not None and previous is not store:  # an evicted adapter of another kind
+                previous.clear(slot)
+            store.write(slot, planned)
+            self._slot_store[slot] = store
 
     def _publish(self, name: str, slot: int) -> None:
         self._known[name].slot = slot
@@ -320,9 +325,10 @@ class AdapterBank:
     def _free(self, slot: int) -> None:
         """`slot` holds nothing any more: its store forgets it, and loads waiting in `_free_slot` look again."""
         self._retired.discard(slot)
-        store, self._slot_store[slot] = self._slot_store[slot], None
-        if store is not None:
-            store.clear(slot)
+        with self.forward_lock:
+            store, self._slot_store[slot] = self._slot_store[slot], None
+            if store is not None:
+                store.clear(slot)
         self._slot_freed.notify_all()
 
 

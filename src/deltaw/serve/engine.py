@@ -26,8 +26,8 @@ The batch and its KV cache (one transformers DynamicCache, LEFT padded):
 Each row carries a Route (its adapters' slots and weights in the bank); every forward first routes the
 batch's rows through the bank, whose per-kind stores make each row compute its own adapter (LoRA: its
 delta in every routed linear layer; prefix-tuning: its keys/values in front at the attention
-interface; no route: the base model). The forward runs under `bank.lock`, so adapters loaded,
-replaced or evicted meanwhile are never seen half-written.
+interface; no route: the base model). The forward runs under `bank.forward_lock`, so adapters loaded,
+replaced or evicted meanwhile are never seen half-written (while requests are checked and admitted).
 
 A bad request fails alone: a row whose logits are not finite (e.g. a mix with absurd weights) or
 whose sampling throws ends with finish_reason "error" while the batch runs on; a failed prefill ends
@@ -342,7 +342,7 @@ class Engine:
                  cache: Cache, keep: int = 1) -> torch.Tensor:
         """The last `keep` positions' logits [rows, keep, vocab], each row routed to its adapters; the cache grows."""
         device = self.model.get_input_embeddings().weight.device
-        with self.bank.lock:
+        with self.bank.forward_lock:
             self.bank.set_routing([row.route for row in rows])
             output = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                 position_ids=positions.to(device), **compat.cache_argument(self.model, cache),

@@ -52,6 +52,7 @@ math (and the gain's excess); tests hold the batched paths to it.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -64,6 +65,23 @@ from deltaw.quant.linear import linear_nf4
 from deltaw.quant.packed import linear_packed, pack, packable
 
 DENSE_MAX_RANK = 256  # the dense path up to this stacked rank (e.g. 16 adapters of r=16), grouped beyond
+FACTOR_CACHE = 4  # slot groups whose stacked (and prepacked) factors a layer keeps
+
+
+@dataclass
+class _Factors:
+    """A slot group's stacked factors in one layer: A [groups·r_max, in] and Bᵀ [groups·r_max, out] with each
+    slot's scaling folded in, and (made on first use) both prepacked for oneDNN."""
+
+    lora_a: torch.Tensor
+    lora_bt: torch.Tensor
+    _packed: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) in oneDNN's blocked layout, for `linear_packed`."""
+        if self._packed is None:
+            self._packed = (pack(self.lora_a), pack(self.lora_bt.t()))
+        return self._packed
 
 
 
@@ -75,12 +93,13 @@ class Routing:
         routes: one Route per batch row.
         slots: [u] the distinct slots the batch uses, ascending (int64); None when every row is the base.
         row_weights: [rows] each row's weight when u == 1 (0 for base rows), else None.
-        group_slots: [groups] the slot of each group when u > 1: the run low..high-1 covering `slots`
-            when that run is at most twice as long (a view of the buffers), else `slots` themselves.
+        group_slots: [groups] the slot of each group: the run low..high-1 covering `slots` when that run is
+            at most twice as long (a view of the buffers), else `slots` themselves (one group when u == 1).
         block: (low, high) when the groups are that run of slots, else None (gathered).
         group_rows: [groups · g] the batch row of each group member (padding: row 0).
         group_weights: [groups, g] each member's weight (padding and unused slots: 0).
         row_group_weights: [rows, groups] each row's weight for each group's slot (0: not used by the row).
+        group_key: the group slots as a tuple (what a layer's cached factors are keyed by).
         version: bumped whenever routes or slot contents change; layers rebuild their stacks on change.
         reference: compute with the slow per-row loop (for tests) instead of the batched path.
     """
@@ -93,8 +112,10 @@ class Routing:
     group_rows: torch.Tensor | None = None
     group_weights: torch.Tensor | None = None
     row_group_weights: torch.Tensor | None = None
+    group_key: tuple[int, ...] = ()
     version: int = 0
     reference: bool = False
+    _coefs: dict = field(default_factory=dict, repr=False)
 
     def set(self, routes: list[Route]) -> None:
         """Route row i of the next forward passes to `routes[i]` (a no-op when nothing changed)."""
@@ -105,12 +126,20 @@ class Routing:
         distinct = sorted({slot for route in routes for slot, _ in route})
         self.slots = torch.tensor(distinct, dtype=torch.long) if distinct else None
         self.row_weights = self.group_slots = self.block = self.group_rows = self.group_weights = None
-        self.row_group_weights = None
-        if len(distinct) == 1:
-            self.row_weights = torch.tensor([sum(w for _, w in route) for route in routes])
-        elif distinct:
+        self.row_group_weights, self.group_key, self._coefs = None, (), {}
+        if distinct:
             self._group(routes, distinct)
+        if len(distinct) == 1:
+            self.row_weights = self.row_group_weights[:, 0]
         self.version += 1
+
+    def dense_coef(self, rank: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """[rows, 1, groups·rank]: each row's weight for every rank of every group's slot (the dense path's
+        coefficients; a layer's scaling is in its factors). Computed once per routing, shared by all layers."""
+        key = (rank, dtype, device)
+        if key not in self._coefs:
+            self._coefs[key] = self.row_group_weights.repeat_interleave(rank, dim=1)[:, None, :].to(device, dtype)
+        return self._coefs[key]
 
     def _group(self, routes: list[Route], distinct: list[int]) -> None:
         low, high = distinct[0], distinct[-1] + 1
@@ -128,6 +157,7 @@ class Routing:
                 self.group_rows[index, member], self.group_weights[index, member] = row, weight
         self.group_rows = self.group_rows.reshape(-1)
         self.group_slots = torch.tensor(group_slots, dtype=torch.long)
+        self.group_key = tuple(group_slots)
         self.row_group_weights = torch.zeros(len(routes), len(group_slots))
         position = {slot: index for index, slot in enumerate(group_slots)}
         for row, route in enumerate(routes):
@@ -162,9 +192,14 @@ class RoutedLinear(nn.Linear):
         self.register_buffer("gain_shift", None, persistent=False)
         self.scaling: torch.Tensor | None = None  # [slots] float32 on the CPU: routing metadata, not moved by .to()
         self.ranks: list[int] = []
-        self._stack: tuple[int, tuple[torch.Tensor, ...] | None, torch.Tensor | None] | None = None
+        self._plan: tuple[int, tuple | None, torch.Tensor | None] | None = None  # (routing version, plan, gain)
         self._packed: tuple[int, int, torch.Tensor] | None = None  # (weight's data_ptr, _version, packed weight)
-        self._factors: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (routing version, packed A, packed B)
+        self._factors: OrderedDict[tuple[int, ...], _Factors | None] = OrderedDict()  # slot group -> factors
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), ...: the caches hold tensors of the old placement
+        self._plan, self._packed = None, None
+        self._factors.clear()
+        return super()._apply(fn, *args, **kwargs)
 
     # ----------------------------------------------------------------------------- slots
     def reserve(self, slots: int, rank: int) -> None:
@@ -188,6 +223,7 @@ class RoutedLinear(nn.Linear):
             self.gain_shift = gain_shift
         self.lora_a, self.lora_bt, self.scaling = lora_a, lora_bt, scaling
         self.ranks += [0] * (slots - len(self.ranks))
+        self._factors.clear()
 
     @torch.no_grad()
     def write_slot(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
@@ -206,6 +242,7 @@ class RoutedLinear(nn.Linear):
             self.gain_shift[slot] = 0.0 if gain is None else gain - 1.0
         self.scaling[slot] = scaling
         self.ranks[slot] = rank
+        self._factors.clear()
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
@@ -217,6 +254,7 @@ class RoutedLinear(nn.Linear):
             self.ranks[slot] = 0
             if self.gain_shift is not None:
                 self.gain_shift[slot] = 0.0
+            self._factors.clear()
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -226,39 +264,32 @@ class RoutedLinear(nn.Linear):
             return self._base(x, self.bias)
         if routing.reference:
             return self._base(x, self.bias) + self.reference_delta(x)
-        if self._stack is None or self._stack[0] != routing.version:
-            self._stack = (routing.version, self._build_stack(), self._build_gain())
-        _, stack, gain = self._stack
+        if self._plan is None or self._plan[0] != routing.version:
+            self._plan = (routing.version, self._build_plan(), self._build_gain())
+        _, plan, gain = self._plan
         if gain is None:
             y = self._base(x, self.bias)
         else:  # DoRA rows: G ⊙ (W x) + b
             y = self._base(x, None).mul_(gain)
             if self.bias is not None:
                 y += self.bias
-        if stack is None:
+        if plan is None:
             return y
-        if len(stack) == 3:  # one adapter in the batch, or a few stacked along the rank
-            lora_a, lora_bt, coef = stack
-            if packable(lora_a, x):  # bf16 CPU serving: both factors prepacked for oneDNN once per routing
-                packed_a, packed_b = self._packed_factors(routing.version, lora_a, lora_bt)
+        if isinstance(plan[0], _Factors):  # one adapter in the batch, or a few stacked along the rank
+            factors, coef = plan
+            if packable(factors.lora_a, x):  # bf16 CPU serving: both factors prepacked for oneDNN
+                packed_a, packed_b = factors.packed()
                 return y.add_(linear_packed(linear_packed(x, packed_a, None).mul_(coef), packed_b, None))
-            ax = F.linear(x, lora_a).mul_(coef)  # [rows, seq, r_max]
-            y.view(-1, self.out_features).addmm_(ax.view(-1, ax.shape[-1]), lora_bt)
+            ax = F.linear(x, factors.lora_a).mul_(coef)  # [rows, seq, groups·r_max]
+            y.view(-1, self.out_features).addmm_(ax.view(-1, ax.shape[-1]), factors.lora_bt)
             return y
-        lora_a, lora_bt, coef, rows = stack
+        lora_a, lora_bt, coef, rows = plan
         groups, size = coef.shape[:2]
         grouped = x.index_select(0, rows).view(groups, -1, self.in_features)  # [groups, g·seq, in]
         ax = torch.bmm(grouped, lora_a.transpose(1, 2))  # [groups, g·seq, r_max]
         ax.view(groups, size, -1, ax.shape[-1]).mul_(coef)
         delta = torch.bmm(ax, lora_bt)  # [groups, g·seq, out]
         return y.index_add_(0, rows, delta.view(groups * size, *y.shape[1:]))
-
-    def _packed_factors(self, version: int, lora_a: torch.Tensor,
-                        lora_bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A [r, in] and B [out, r] of the dense stack prepacked for oneDNN, kept until the routing changes."""
-        if self._factors is None or self._factors[0] != version:
-            self._factors = (version, pack(lora_a), pack(lora_bt.t()))
-        return self._factors[1], self._factors[2]
 
     def _base(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """W x (+ bias); an NF4 base (QLoRA) is dequantized on the fly; a bf16 CPU base is read prepacked for
@@ -291,37 +322,51 @@ class RoutedLinear(nn.Linear):
             gain = routing.row_group_weights.to(shift.device) @ group_shift
         return gain.add_(1.0).unsqueeze(1)
 
-    def _build_stack(self) -> tuple[torch.Tensor, ...] | None:
-        """For the current routing: (A_s [r_max, in], Bt_s [r_max, out], coef [rows, 1, 1]) with one
-        adapter; (A_cat [groups·r_max, in], Bt_cat [groups·r_max, out], coef [rows, 1, groups·r_max]) with a
-        few; (A [groups, r_max, in], Bt [groups, r_max, out], coef [groups, g, 1, 1], rows [groups·g]) with
-        many; None when no adapter of the batch touches this layer."""
+    def _build_plan(self) -> tuple | None:
+        """For the current routing: (factors, coef [rows, 1, groups·r_max]) with one adapter or a few (the
+        factors of the batch's slots, stacked along the rank, from the layer's cache); (A [groups, r_max, in],
+        Bt [groups, r_max, out], coef [groups, g, 1, 1], rows [groups·g]) with many; None when no adapter of the
+        batch touches this layer."""
         routing = self.routing  # the bank keeps every layer with buffers at its full slot capacity
         dtype, device = self.weight.dtype, self.weight.device
-        if routing.row_weights is not None:
-            slot = int(routing.slots[0])
-            scaling = float(self.scaling[slot])
-            if scaling == 0.0:
-                return None
-            coef = (routing.row_weights * scaling).view(-1, 1, 1)
-            return self.lora_a[slot], self.lora_bt[slot], coef.to(device, dtype)
-        slots = routing.group_slots
+        slots, rank = routing.group_slots, self.lora_a.shape[1]
+        if len(slots) == 1 or len(slots) * rank <= DENSE_MAX_RANK:
+            factors = self._dense_factors(routing)
+            return None if factors is None else (factors, routing.dense_coef(rank, dtype, device))
         scaling = self.scaling[slots]
         if not scaling.any():
             return None
-        if routing.block is not None:
-            low, high = routing.block
-            lora_a, lora_bt = self.lora_a[low:high], self.lora_bt[low:high]
-        else:
-            index = slots.to(device)
-            lora_a, lora_bt = self.lora_a.index_select(0, index), self.lora_bt.index_select(0, index)
-        groups, rank = lora_a.shape[:2]
-        if groups * rank <= DENSE_MAX_RANK:  # one adapter-like pair of GEMMs over the stacked ranks
-            coef = (routing.row_group_weights * scaling[None, :]).repeat_interleave(rank, dim=1)
-            return (lora_a.reshape(groups * rank, -1), lora_bt.reshape(groups * rank, -1),
-                    coef[:, None, :].to(device, dtype))
+        index = slots.to(device)
+        lora_a, lora_bt = self.lora_a.index_select(0, index), self.lora_bt.index_select(0, index)
         coef = (routing.group_weights * scaling[:, None]).view(*routing.group_weights.shape, 1, 1)
         return lora_a, lora_bt, coef.to(device, dtype), routing.group_rows.to(device)
+
+    def _dense_factors(self, routing: Routing) -> _Factors | None:
+        """The stacked factors of the routing's group slots (None when none of them targets this layer), from
+        the cache of the last FACTOR_CACHE slot groups: a batch whose rows come and go over the same adapters
+        keeps reading the same (prepacked) factors."""
+        key = routing.group_key
+        if key in self._factors:
+            self._factors.move_to_end(key)
+            return self._factors[key]
+        scaling = self.scaling[routing.group_slots]
+        if not scaling.any():
+            factors = None
+        else:
+            if routing.block is not None:
+                low, high = routing.block
+                lora_a, lora_bt = self.lora_a[low:high], self.lora_bt[low:high]
+            else:
+                index = routing.group_slots.to(self.weight.device)
+                lora_a, lora_bt = self.lora_a.index_select(0, index), self.lora_bt.index_select(0, index)
+            groups, rank = lora_a.shape[:2]
+            scaled = lora_bt.float() * scaling.to(lora_bt.device)[:, None, None]  # one rounding below
+            factors = _Factors(lora_a.reshape(groups * rank, -1),
+                               scaled.reshape(groups * rank, -1).to(lora_bt.dtype))
+        self._factors[key] = factors
+        if len(self._factors) > FACTOR_CACHE:
+            self._factors.popitem(last=False)
+        return factors
 
     def reference_delta(self, x: torch.Tensor) -> torch.Tensor:
         """The same deltas by a loop per row and per adapter: Σ weight · (scaling · B' (A x) + (g − 1) ⊙ W x),
