@@ -15,12 +15,14 @@ Workloads (chat requests on held-out persona questions, all sent at once):
     many mixed     `--many` requests cycling the same way: time to first token p50/p90, tokens/s
                    (only on `--many-servers`)
 
-Every request is streamed; time to first token is measured at the first chunk that carries text.
+Every request is streamed; time to first token is measured at the first chunk that carries text. Every server
+may run `--rows` requests in one batch (deltaw `--max-batch-size`, vLLM `--max-num-seqs`, llama-server `-np`), 64 by
+default, so that the 64-client workload measures batching, not a queue four deep.
 
 Peers that are not installed (tests/peers/setup_peers.sh installs them) are skipped, and the table says so.
 
     .venv/bin/python bench/serve_peers.py [--rounds 2] [--tokens 64] [--clients 16] [--many 64] [--threads 2]
-        [--servers deltaw,vllm,llama.cpp] [--many-servers deltaw,vllm] [--deltaw-dtype bf16]
+        [--rows 64] [--servers deltaw,vllm,llama.cpp] [--many-servers deltaw,vllm] [--deltaw-dtype bf16]
 """
 
 from __future__ import annotations
@@ -144,8 +146,9 @@ def vllm_server(adapters: dict[str, Path], threads: int, rows: int) -> Iterator[
 @contextlib.contextmanager
 def llama_server(ggufs: list[Path], threads: int, rows: int) -> Iterator[Server]:
     port = free_port()
-    command = [str(LLAMA_SERVER), "-m", str(bf16_gguf()), "--port", str(port), "-t", str(threads), "-c", str(1024 * rows),
-               "-np", str(rows), "--no-webui", "--lora-init-without-apply", *(a for g in ggufs for a in ("--lora", str(g)))]
+    command = [str(LLAMA_SERVER), "-m", str(bf16_gguf()), "--port", str(port), "-t", str(threads),
+               "-c", str(1024 * rows), "-np", str(rows), "--no-webui", "--lora-init-without-apply",
+               *(a for g in ggufs for a in ("--lora", str(g)))]
     with server_process("llama-server", command, port, timeout=300) as url:
         yield Server("llama.cpp", f"llama.cpp {llama_version()}", url, "smollm2", {g.stem: i for i, g in enumerate(ggufs)})
 

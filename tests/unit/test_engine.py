@@ -206,15 +206,17 @@ def test_degenerate_temperature_and_top_p_take_the_most_likely_token(engine, par
     assert run(engine, PROMPTS[2], "full", params) == greedy
 
 
-def test_a_row_with_non_finite_logits_or_a_failing_sampler_ends_alone(engine, monkeypatch):
-    """Neighbours already decoding when two bad rows join finish exactly as they do alone."""
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_row_with_non_finite_logits_or_a_failing_sampler_ends_alone(engine, monkeypatch, bad):
+    """Neighbours already decoding when two bad rows join finish exactly as they do alone; one non-finite logit
+    is enough."""
     greedy = SamplingParams(max_tokens=12)
     solo = [run(engine, prompt, choice, greedy) for prompt, choice in zip(PROMPTS[:3], CHOICES[:3])]
     forward, sample = engine._forward, engine_module.sample_token
 
-    def nan_for_mixes(rows, *args):  # the forward of a row routed to a mix yields NaN logits
+    def nan_for_mixes(rows, *args):  # the forward of a row routed to a mix yields one non-finite logit
         logits = forward(rows, *args)
-        logits[[index for index, row in enumerate(rows) if len(row.route) > 1]] = float("nan")
+        logits[[index for index, row in enumerate(rows) if len(row.route) > 1], :, 7] = bad
         return logits
 
     def failing_for_seed_13(logits, params, generator):

@@ -353,8 +353,7 @@ class Engine:
         """Each row's next token from `logits` [rows, vocab]. A row whose logits are not finite, or whose
         sampling fails, ends alone with finish_reason "error"; the other rows go on."""
         greedy = logits.argmax(dim=-1).tolist()
-        low, high = torch.aminmax(logits, dim=-1)  # NaN and ±inf reach the extremes: two cheap reductions
-        finite = (torch.isfinite(low) & torch.isfinite(high)).tolist()
+        finite = torch.isfinite(logits.sum(dim=-1)).tolist()  # NaN or ±inf anywhere makes the sum NaN or ±inf
         for index, row in enumerate(rows):
             if row.finished:  # failed earlier in this step (its prompt logprobs)
                 continue
