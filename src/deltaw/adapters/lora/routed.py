@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltaw.adapters.kinds import Route
+from deltaw.adapters.lora.routed_group import SiblingGroup
 from deltaw.quant.nf4 import NF4Weight
 from deltaw.quant.linear import linear_nf4
 from deltaw.quant.packed import linear_packed, pack, packable
@@ -198,11 +199,14 @@ class RoutedLinear(nn.Linear):
         self.ranks: list[int] = []
         self._plan: tuple[int, tuple | None, torch.Tensor | None] | None = None  # (routing version, plan, gain)
         self._packed: tuple[int, int, torch.Tensor] | None = None  # (weight's data_ptr, _version, packed weight)
+        self.group: SiblingGroup | None = None  # the layers read the same input with, computed together
         self._factors: OrderedDict[tuple[int, ...], _Factors | None] = OrderedDict()  # slot group -> factors
 
     def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), ...: the caches hold tensors of the old placement
         self._plan, self._packed = None, None
         self._factors.clear()
+        if self.group is not None:
+            self.group.release()
         return super()._apply(fn, *args, **kwargs)
 
     # ----------------------------------------------------------------------------- slots
@@ -264,13 +268,15 @@ class RoutedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [rows, seq, in] -> [rows, seq, out], row i with the adapters of `routing.routes[i]`."""
         routing = self.routing
+        if self.group is not None and not routing.reference:
+            output = self.group.forward(self, x)  # computed with its siblings (same input), or None: alone
+            if output is not None:
+                return output
         if routing.slots is None or self.lora_a is None:
             return self._base(x, self.bias)
         if routing.reference:
             return self._base(x, self.bias) + self.reference_delta(x)
-        if self._plan is None or self._plan[0] != routing.version:
-            self._plan = (routing.version, self._build_plan(), self._build_gain())
-        _, plan, gain = self._plan
+        plan, gain = self.current_plan()
         if gain is None:
             y = self._base(x, self.bias)
         else:  # DoRA rows: G ⊙ (W x) + b
@@ -294,6 +300,15 @@ class RoutedLinear(nn.Linear):
         ax.view(groups, size, -1, ax.shape[-1]).mul_(coef)
         delta = torch.bmm(ax, lora_bt)  # [groups, g·seq, out]
         return y.index_add_(0, rows, delta.view(groups * size, *y.shape[1:]))
+
+    def current_plan(self) -> tuple[tuple | None, torch.Tensor | None]:
+        """(plan, gain) for the current routing (see `_build_plan`, `_build_gain`); (None, None) for the base."""
+        routing = self.routing
+        if routing.slots is None or self.lora_a is None:
+            return None, None
+        if self._plan is None or self._plan[0] != routing.version:
+            self._plan = (routing.version, self._build_plan(), self._build_gain())
+        return self._plan[1], self._plan[2]
 
     def _base(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """W x (+ bias); an NF4 base (QLoRA) is dequantized on the fly; a bf16 CPU base is read prepacked for

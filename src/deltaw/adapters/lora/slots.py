@@ -25,7 +25,9 @@ from deltaw.adapters.kinds import Route, SlotStore
 from deltaw.adapters.lora.dora import frozen_gain
 from deltaw.adapters.lora.files import LoRAPlan
 from deltaw.adapters.lora.inject import adapter_layers
+from deltaw.adapters.lora.fused import SHARED_INPUTS
 from deltaw.adapters.lora.routed import RoutedLinear, Routing
+from deltaw.adapters.lora.routed_group import group_siblings
 from deltaw.adapters.lora.routed_embedding import RoutedEmbedding
 from deltaw.adapters.targets import input_embedding, linear_modules, output_head
 
@@ -127,6 +129,7 @@ def _wrap_linears(model: nn.Module, routing: Routing) -> dict[str, RoutedLinear 
             raise ValueError(f"{name!r} is already routed: this model already has an AdapterBank")
         layers[name] = RoutedLinear(module, routing)
         model.set_submodule(name, layers[name])
+    group_siblings(model, lambda module: isinstance(module, RoutedLinear), SHARED_INPUTS)
     return layers
 
 
