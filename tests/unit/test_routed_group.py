@@ -48,10 +48,11 @@ def outputs(members: list[RoutedLinear], x: torch.Tensor, group: SiblingGroup | 
 @needs_bf16_onednn
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("routes", list(ROUTES))
-def test_each_member_gets_its_own_output_from_one_computation(bias, routes, monkeypatch):
+@pytest.mark.parametrize("seq", [3, 40])  # decode-sized (thin products prepacked) and prefill-sized (addmm_)
+def test_each_member_gets_its_own_output_from_one_computation(bias, routes, seq, monkeypatch):
     members = make_members(bias)
     members[0].routing.set(ROUTES[routes])
-    x = torch.randn(len(ROUTES[routes]), 3, 32).bfloat16()
+    x = torch.randn(len(ROUTES[routes]), seq, 32).bfloat16()
     alone = outputs(members, x, None)
     group = SiblingGroup(members)
     computed = []

@@ -67,7 +67,7 @@ from deltaw.adapters.kinds import Route
 from deltaw.adapters.lora.routed_group import SiblingGroup
 from deltaw.quant.nf4 import NF4Weight
 from deltaw.quant.linear import linear_nf4
-from deltaw.quant.packed import linear_packed, pack, packable
+from deltaw.quant.packed import THIN_ROWS, linear_packed, pack, packable
 
 DENSE_MAX_RANK = 256  # the dense path up to this stacked rank (e.g. 16 adapters of r=16), grouped beyond
 FACTOR_CACHE = 4  # slot groups whose stacked (and prepacked) factors a layer keeps
@@ -287,7 +287,7 @@ class RoutedLinear(nn.Linear):
             return y
         if isinstance(plan[0], _Factors):  # one adapter in the batch, or a few stacked along the rank
             factors, coef = plan
-            if packable(factors.lora_a, x):  # bf16 CPU serving: both factors prepacked for oneDNN
+            if packable(factors.lora_a, x) and x.numel() <= THIN_ROWS * self.in_features:  # bf16 CPU decode
                 packed_a, packed_b = factors.packed()
                 return y.add_(linear_packed(linear_packed(x, packed_a, None).mul_(coef), packed_b, None))
             ax = F.linear(x, factors.lora_a).mul_(coef)  # [rows, seq, groups·r_max]

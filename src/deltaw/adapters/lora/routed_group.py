@@ -27,12 +27,14 @@ packed copies.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from deltaw.quant.nf4 import NF4Weight
-from deltaw.quant.packed import linear_packed, pack, packable
+from deltaw.quant.packed import THIN_ROWS, linear_packed, pack, packable
 
 FACTOR_CACHE = 4  # member-factor combinations whose fused (packed) factors a group keeps
 
@@ -46,7 +48,7 @@ class SiblingGroup:
         self.sizes = [member.out_features for member in members]
         self._pending: tuple | None = None  # (x, x._version, routing version, outputs not yet taken)
         self._weight: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None  # (key, packed W, bias)
-        self._factors: list[tuple[tuple, torch.Tensor, torch.Tensor]] = []  # (member factors, packed A, packed B)
+        self._factors: list[_Fused] = []  # the last FACTOR_CACHE combinations of member factors
         self._coef: tuple[int, torch.Tensor] | None = None  # (routing version, [rows, 1, ΣK])
 
     def forward(self, member: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
@@ -84,9 +86,15 @@ class SiblingGroup:
         y = linear_packed(x, packed, bias)  # [rows, seq, Σout]
         present = [(index, plan) for index, (plan, _) in enumerate(plans) if plan is not None]
         if present:
-            packed_a, packed_b = self._packed_factors(present)
+            fused = self._fused_factors(present)
             coef = self._coefficients(present, members[0].routing.version)
-            y.add_(linear_packed(linear_packed(x, packed_a, None).mul_(coef), packed_b, None))
+            if x.numel() <= THIN_ROWS * x.shape[-1]:  # decode: the thin products prepacked, B block-diagonal
+                y.add_(linear_packed(linear_packed(x, fused.packed_a, None).mul_(coef), fused.packed_b, None))
+            else:  # prefill: each member's B accumulated into its columns
+                ax = F.linear(x, fused.lora_a).mul_(coef).view(-1, fused.lora_a.shape[0])  # [N, ΣK]
+                rows = y.view(-1, y.shape[-1])  # [N, Σout]
+                for (out_start, out_end, k_start, k_end), lora_bt in fused.blocks:
+                    rows[:, out_start:out_end].addmm_(ax[:, k_start:k_end], lora_bt)
         return list(y.split(self.sizes, dim=-1))
 
     def _packed_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -103,30 +111,44 @@ class SiblingGroup:
             self._weight = (key, pack(weight), bias)
         return self._weight[1], self._weight[2]
 
-    def _packed_factors(self, present: list[tuple[int, tuple]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The present members' A's stacked [ΣK, in] and their s·Bᵀ's block-diagonal [Σout, ΣK], both prepacked;
-        cached by the members' factor objects (which the members renew when a slot changes)."""
+    def _fused_factors(self, present: list[tuple[int, tuple]]) -> _Fused:
+        """The present members' factors together (see `_Fused`), cached by the members' factor objects (which the
+        members renew when a slot changes)."""
         factors = tuple((index, plan[0]) for index, plan in present)
-        for key, packed_a, packed_b in self._factors:
-            if len(key) == len(factors) and all(i == j and a is b for (i, a), (j, b) in zip(key, factors)):
-                return packed_a, packed_b
+        for fused in self._factors:
+            if len(fused.key) == len(factors) and all(i == j and a is b for (i, a), (j, b) in zip(fused.key, factors)):
+                return fused
         offsets = [sum(self.sizes[:index]) for index in range(len(self.sizes))]
         lora_a = torch.cat([f.lora_a for _, f in factors])  # [ΣK, in]
         lora_b = lora_a.new_zeros(sum(self.sizes), lora_a.shape[0])  # [Σout, ΣK]
-        column = 0
+        blocks, column = [], 0
         for index, f in factors:
-            rank = f.lora_a.shape[0]
-            lora_b[offsets[index]:offsets[index] + self.sizes[index], column:column + rank] = f.lora_bt.t()
+            rank, start = f.lora_a.shape[0], offsets[index]
+            lora_b[start:start + self.sizes[index], column:column + rank] = f.lora_bt.t()
+            blocks.append(((start, start + self.sizes[index], column, column + rank), f.lora_bt))
             column += rank
-        entry = (factors, pack(lora_a), pack(lora_b))
-        self._factors = [entry, *self._factors[:FACTOR_CACHE - 1]]
-        return entry[1], entry[2]
+        fused = _Fused(factors, lora_a, blocks, pack(lora_a), pack(lora_b))
+        self._factors = [fused, *self._factors[:FACTOR_CACHE - 1]]
+        return fused
 
     def _coefficients(self, present: list[tuple[int, tuple]], version: int) -> torch.Tensor:
         """The present members' coefficients side by side [rows, 1, ΣK], once per routing."""
         if self._coef is None or self._coef[0] != version:
             self._coef = (version, torch.cat([plan[1] for _, plan in present], dim=-1))
         return self._coef[1]
+
+
+@dataclass
+class _Fused:
+    """Member factors served together: A [ΣK, in] stacked, each member's s·Bᵀ [K_i, out_i] with its place
+    ((out_start, out_end, k_start, k_end)) in the block-diagonal [Σout, ΣK], and both prepacked (A; the
+    block-diagonal B)."""
+
+    key: tuple
+    lora_a: torch.Tensor
+    blocks: list[tuple[tuple[int, int, int, int], torch.Tensor]]
+    packed_a: torch.Tensor
+    packed_b: torch.Tensor
 
 
 def _version(x: torch.Tensor) -> int:
