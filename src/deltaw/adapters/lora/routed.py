@@ -26,7 +26,9 @@ batched computation, never a loop over adapters:
   for bf16 on a CPU, both prepacked for oneDNN), until one of those slots is written; the coefficients
   depend on the routing only and are computed once for all layers. So rows joining and leaving a batch
   over the same adapters cost no per-layer work: restacking and repacking on every routing change took
-  ~0.4 ms a layer, 90 ms a step on the bundled model.
+  ~0.4 ms a layer, 90 ms a step on the bundled model. On a bf16 CPU, layers that read the same input (q/k/v,
+  gate/up) run these two matmuls, and their base products, as one group (`routed_group.py`); above THIN_ROWS
+  rows (prefill) Bᵀ is accumulated by addmm_ instead of a prepacked product.
 
   many adapters: rows are grouped by slot, each group padded to the largest (padding rows carry
   coefficient 0), one batched matmul per factor over all groups (segmented LoRA, as in S-LoRA/Punica):
