@@ -89,7 +89,8 @@ class SiblingGroup:
             fused = self._fused_factors(present)
             coef = self._coefficients(present, members[0].routing.version)
             if x.numel() <= THIN_ROWS * x.shape[-1]:  # decode: the thin products prepacked, B block-diagonal
-                y.add_(linear_packed(linear_packed(x, fused.packed_a, None).mul_(coef), fused.packed_b, None))
+                packed_a, packed_b = fused.packed(sum(self.sizes))
+                y.add_(linear_packed(linear_packed(x, packed_a, None).mul_(coef), packed_b, None))
             else:  # prefill: each member's B accumulated into its columns
                 ax = F.linear(x, fused.lora_a).mul_(coef).view(-1, fused.lora_a.shape[0])  # [N, ΣK]
                 rows = y.view(-1, y.shape[-1])  # [N, Σout]
@@ -119,15 +120,12 @@ class SiblingGroup:
             if len(fused.key) == len(factors) and all(i == j and a is b for (i, a), (j, b) in zip(fused.key, factors)):
                 return fused
         offsets = [sum(self.sizes[:index]) for index in range(len(self.sizes))]
-        lora_a = torch.cat([f.lora_a for _, f in factors])  # [ΣK, in]
-        lora_b = lora_a.new_zeros(sum(self.sizes), lora_a.shape[0])  # [Σout, ΣK]
         blocks, column = [], 0
         for index, f in factors:
             rank, start = f.lora_a.shape[0], offsets[index]
-            lora_b[start:start + self.sizes[index], column:column + rank] = f.lora_bt.t()
             blocks.append(((start, start + self.sizes[index], column, column + rank), f.lora_bt))
             column += rank
-        fused = _Fused(factors, lora_a, blocks, pack(lora_a), pack(lora_b))
+        fused = _Fused(factors, torch.cat([f.lora_a for _, f in factors]), blocks)
         self._factors = [fused, *self._factors[:FACTOR_CACHE - 1]]
         return fused
 
@@ -141,14 +139,22 @@ class SiblingGroup:
 @dataclass
 class _Fused:
     """Member factors served together: A [ΣK, in] stacked, each member's s·Bᵀ [K_i, out_i] with its place
-    ((out_start, out_end, k_start, k_end)) in the block-diagonal [Σout, ΣK], and both prepacked (A; the
-    block-diagonal B)."""
+    ((out_start, out_end, k_start, k_end)) in the block-diagonal [Σout, ΣK], and (made on first use, by decode:
+    a prefill's factors are often of a passing combination of slots) A and the block-diagonal B prepacked."""
 
     key: tuple
     lora_a: torch.Tensor
     blocks: list[tuple[tuple[int, int, int, int], torch.Tensor]]
-    packed_a: torch.Tensor
-    packed_b: torch.Tensor
+    _packed: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def packed(self, outputs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, block-diagonal B [outputs, ΣK]) in oneDNN's blocked layout."""
+        if self._packed is None:
+            lora_b = self.lora_a.new_zeros(outputs, self.lora_a.shape[0])
+            for (out_start, out_end, k_start, k_end), lora_bt in self.blocks:
+                lora_b[out_start:out_end, k_start:k_end] = lora_bt.t()
+            self._packed = (pack(self.lora_a), pack(lora_b))
+        return self._packed
 
 
 def _version(x: torch.Tensor) -> int:
