@@ -23,6 +23,7 @@ Peers that are not installed (tests/peers/setup_peers.sh installs them) are skip
 
     .venv/bin/python bench/serve_peers.py [--rounds 2] [--tokens 64] [--clients 16] [--many 64] [--threads 2]
         [--rows 64] [--servers deltaw,vllm,llama.cpp] [--many-servers deltaw,vllm] [--deltaw-dtype bf16]
+        [--deltaw-arg=--prefill-chunk=256 ...]
 """
 
 from __future__ import annotations
@@ -120,12 +121,14 @@ class Server:
 
 
 @contextlib.contextmanager
-def deltaw_server(adapters: dict[str, Path], threads: int, dtype: str, rows: int) -> Iterator[Server]:
+def deltaw_server(adapters: dict[str, Path], threads: int, dtype: str, rows: int,
+                  extra: list[str]) -> Iterator[Server]:
     port = free_port()
     command = [sys.executable, "-m", "deltaw", "serve", "--port", str(port), "--max-batch-size", str(rows),
                "--log-level", "warning", *(arg for n, p in adapters.items() for arg in ("--adapter", f"{n}={p}"))]
     if dtype:
         command += ["--dtype", dtype]
+    command += extra
     env = {"OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO / "src")}
     with server_process("deltaw", command, port, timeout=300, env=env) as url:
         yield Server("deltaw", "deltaw", url, BUNDLED_NAME)
@@ -243,6 +246,8 @@ def main() -> None:
     parser.add_argument("--many-servers", default="deltaw,vllm,llama.cpp",
                         help="servers that run the --many workload (llama.cpp takes minutes for it on 2 cores)")
     parser.add_argument("--deltaw-dtype", default="", help="deltaw serve --dtype (default: deltaw's own choice)")
+    parser.add_argument("--deltaw-arg", action="append", default=[],
+                        help="one more argument for deltaw serve, e.g. --deltaw-arg=--prefill-chunk=256 (repeatable)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/deltaw-serve-peers"))
     args = parser.parse_args()
     wanted = args.servers.split(",")
@@ -253,7 +258,8 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         servers = []
         if "deltaw" in wanted:
-            servers.append(stack.enter_context(deltaw_server(adapters, args.threads, args.deltaw_dtype, args.rows)))
+            servers.append(stack.enter_context(deltaw_server(adapters, args.threads, args.deltaw_dtype, args.rows,
+                                                             args.deltaw_arg)))
         if "vllm" in wanted:
             if VLLM_PYTHON.exists():
                 servers.append(stack.enter_context(vllm_server(adapters, args.threads, args.rows)))
