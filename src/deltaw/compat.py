@@ -10,8 +10,9 @@ breaks one function here and one clearly named test:
     attention choice      attention_implementation, set_attention_implementation
     the decoder stack     decoder(model): where the prefix pre-hook and the chunked loss attach;
                           decoder_layers(model): the blocks FSDP shards one by one
-    KV caches             new_cache (optionally with room to grow in place), find_cache (by type, whatever it is called), cache_argument (the forward
-                          keyword), cache_layers (per-layer keys/values the serving engine joins and trims)
+    KV caches             new_cache (optionally with room to grow in place), find_cache (by type, whatever it
+                          is called), cache_argument (the forward keyword), cache_layers (per-layer keys/values
+                          the serving engine joins and trims)
     loading               load_gguf (GGUF files dequantized to float), empty_model (no weight init)
     tied embeddings       mark_untied: the config of a model whose head no longer shares the embedding
 """

@@ -252,11 +252,13 @@ class Engine:
         with self._wakeup:
             free = self.max_batch_size - len(self._rows)
             newcomers: list[_Row] = []
+            longest = 0  # the longest prompt among the newcomers
             while self._waiting and len(newcomers) < free:
-                longest = max(len(row.prompt_ids) for row in [*newcomers, self._waiting[0]])
-                if newcomers and longest * (len(newcomers) + 1) > self.prefill_chunk:
+                widest = max(longest, len(self._waiting[0].prompt_ids))
+                if newcomers and widest * (len(newcomers) + 1) > self.prefill_chunk:
                     break
                 newcomers.append(self._waiting.popleft())
+                longest = widest
         for row in newcomers:
             if row.handle.cancelled:
                 self._finish(row, "cancelled", None)

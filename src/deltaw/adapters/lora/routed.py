@@ -66,10 +66,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltaw.adapters.kinds import Route
-from deltaw.adapters.lora.routed_group import SiblingGroup
+from deltaw.adapters.lora.routed_group import SiblingGroup, add_delta
 from deltaw.quant.nf4 import NF4Weight
 from deltaw.quant.linear import linear_nf4
-from deltaw.quant.packed import THIN_ROWS, linear_packed, pack, packable
+from deltaw.quant.packed import linear_packed, pack, packable
 
 DENSE_MAX_RANK = 256  # the dense path up to this stacked rank (e.g. 16 adapters of r=16), grouped beyond
 FACTOR_CACHE = 4  # slot groups whose stacked (and prepacked) factors a layer keeps
@@ -289,12 +289,9 @@ class RoutedLinear(nn.Linear):
             return y
         if isinstance(plan[0], _Factors):  # one adapter in the batch, or a few stacked along the rank
             factors, coef = plan
-            if packable(factors.lora_a, x) and x.numel() <= THIN_ROWS * self.in_features:  # bf16 CPU decode
-                packed_a, packed_b = factors.packed()
-                return y.add_(linear_packed(linear_packed(x, packed_a, None).mul_(coef), packed_b, None))
-            ax = F.linear(x, factors.lora_a).mul_(coef)  # [rows, seq, groups·r_max]
-            y.view(-1, self.out_features).addmm_(ax.view(-1, ax.shape[-1]), factors.lora_bt)
-            return y
+            packed = factors.packed if packable(factors.lora_a, x) else None  # bf16 CPU serving
+            return add_delta(y, x, factors.lora_a, [((0, self.out_features, 0, len(factors.lora_a)), factors.lora_bt)],
+                             coef, packed)
         lora_a, lora_bt, coef, rows = plan
         groups, size = coef.shape[:2]
         grouped = x.index_select(0, rows).view(groups, -1, self.in_features)  # [groups, g·seq, in]

@@ -37,6 +37,24 @@ from deltaw.quant.nf4 import NF4Weight
 from deltaw.quant.packed import THIN_ROWS, linear_packed, pack, packable
 
 FACTOR_CACHE = 4  # member-factor combinations whose fused (packed) factors a group keeps
+Block = tuple[tuple[int, int, int, int], torch.Tensor]
+"""((out_start, out_end, k_start, k_end), s·Bᵀ [k_end − k_start, out_end − out_start]): a block of a delta's B."""
+
+
+def add_delta(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, blocks: list[Block], coef: torch.Tensor,
+              packed: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None) -> torch.Tensor:
+    """y [rows, seq, out] += ((x·Aᵀ) · coef)·B, in place, for x [rows, seq, in], A [K, in], coef [rows, 1, K] and B
+    given by its blocks. `packed` (bf16 on a CPU) gives A and the whole B prepacked, used up to THIN_ROWS rows
+    (decode: two oneDNN calls); otherwise (prefill, or no packing) each block is accumulated into its columns of
+    y by addmm_."""
+    if packed is not None and x.numel() <= THIN_ROWS * x.shape[-1]:
+        packed_a, packed_b = packed()
+        return y.add_(linear_packed(linear_packed(x, packed_a, None).mul_(coef), packed_b, None))
+    ax = F.linear(x, lora_a).mul_(coef).view(-1, lora_a.shape[0])  # [N, K]
+    rows = y.view(-1, y.shape[-1])  # [N, out]
+    for (out_start, out_end, k_start, k_end), lora_bt in blocks:
+        rows[:, out_start:out_end].addmm_(ax[:, k_start:k_end], lora_bt)
+    return y
 
 
 class SiblingGroup:
@@ -87,15 +105,8 @@ class SiblingGroup:
         present = [(index, plan) for index, (plan, _) in enumerate(plans) if plan is not None]
         if present:
             fused = self._fused_factors(present)
-            coef = self._coefficients(present, members[0].routing.version)
-            if x.numel() <= THIN_ROWS * x.shape[-1]:  # decode: the thin products prepacked, B block-diagonal
-                packed_a, packed_b = fused.packed(sum(self.sizes))
-                y.add_(linear_packed(linear_packed(x, packed_a, None).mul_(coef), packed_b, None))
-            else:  # prefill: each member's B accumulated into its columns
-                ax = F.linear(x, fused.lora_a).mul_(coef).view(-1, fused.lora_a.shape[0])  # [N, ΣK]
-                rows = y.view(-1, y.shape[-1])  # [N, Σout]
-                for (out_start, out_end, k_start, k_end), lora_bt in fused.blocks:
-                    rows[:, out_start:out_end].addmm_(ax[:, k_start:k_end], lora_bt)
+            add_delta(y, x, fused.lora_a, fused.blocks, self._coefficients(present, members[0].routing.version),
+                      fused.packed)
         return list(y.split(self.sizes, dim=-1))
 
     def _packed_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -125,7 +136,7 @@ class SiblingGroup:
             rank, start = f.lora_a.shape[0], offsets[index]
             blocks.append(((start, start + self.sizes[index], column, column + rank), f.lora_bt))
             column += rank
-        fused = _Fused(factors, torch.cat([f.lora_a for _, f in factors]), blocks)
+        fused = _Fused(factors, torch.cat([f.lora_a for _, f in factors]), blocks, sum(self.sizes))
         self._factors = [fused, *self._factors[:FACTOR_CACHE - 1]]
         return fused
 
@@ -144,13 +155,14 @@ class _Fused:
 
     key: tuple
     lora_a: torch.Tensor
-    blocks: list[tuple[tuple[int, int, int, int], torch.Tensor]]
+    blocks: list[Block]
+    outputs: int  # Σout
     _packed: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def packed(self, outputs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, block-diagonal B [outputs, ΣK]) in oneDNN's blocked layout."""
+    def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, block-diagonal B [Σout, ΣK]) in oneDNN's blocked layout."""
         if self._packed is None:
-            lora_b = self.lora_a.new_zeros(outputs, self.lora_a.shape[0])
+            lora_b = self.lora_a.new_zeros(self.outputs, self.lora_a.shape[0])
             for (out_start, out_end, k_start, k_end), lora_bt in self.blocks:
                 lora_b[out_start:out_end, k_start:k_end] = lora_bt.t()
             self._packed = (pack(self.lora_a), pack(lora_b))
